@@ -1,0 +1,1 @@
+"""Container images: the model, references, transports and layer streams."""
