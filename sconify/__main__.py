@@ -1,0 +1,5 @@
+"""Allow ``python -m sconify``."""
+
+from sconify.cli import main
+
+main()

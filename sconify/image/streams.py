@@ -1,0 +1,387 @@
+"""Streaming blob I/O: digest and size verification, compression detection, (de)compression, DiffIDs.
+
+Every byte sconify reads from an image passes through a ``VerifyingReader``; compression is detected from
+the bytes, never trusted from a media type; memory stays bounded whatever the blob size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Callable
+from typing import BinaryIO
+
+import zstandard
+from isal import isal_zlib
+
+from sconify.errors import IntegrityError, UnsupportedError
+from sconify.image import mediatypes as mt
+from sconify.image.model import BlobSource, Descriptor
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# gzip level for the layers sconify writes: ISA-L's level 1 is faster than zlib's level 1 and smaller.
+GZIP_LEVEL = 1
+
+
+def detect_compression(head: bytes) -> str:
+    """The compression of a layer blob from its first bytes: ``gzip``, ``zstd`` or ``none`` (plain tar)."""
+    if head.startswith(GZIP_MAGIC):
+        return mt.GZIP
+    if head.startswith(ZSTD_MAGIC):
+        return mt.ZSTD
+    if head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00"):
+        raise UnsupportedError(
+            "a layer is compressed with bzip2 or xz, which the OCI image spec does not allow; "
+            "re-push the image with gzip or zstd layers."
+        )
+    return mt.NONE
+
+
+def _hasher(digest: str) -> hashlib._Hash:
+    algorithm = digest.split(":", 1)[0]
+    return hashlib.sha512() if algorithm == "sha512" else hashlib.sha256()
+
+
+class VerifyingReader(io.RawIOBase):
+    """A read-only stream that checks the bytes it passes against an expected digest and size.
+
+    A blob longer than its size fails as soon as the excess arrives; a wrong digest or a short blob fails at
+    the end of the stream. Optional ``observers`` see every chunk (e.g. to check a DiffID on the side).
+    """
+
+    def __init__(
+        self,
+        raw: BinaryIO,
+        digest: str,
+        size: int | None,
+        what: str,
+        observers: tuple[Callable[[bytes], None], ...] = (),
+        at_end: tuple[Callable[[], None], ...] = (),
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._digest = digest
+        self._size = size
+        self._what = what
+        self._hash = _hasher(digest)
+        self._count = 0
+        self._done = False
+        self._observers = observers
+        self._at_end = at_end
+        self.head = b""  # the first bytes seen, for compression detection after the fact
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._done:
+            return b""
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        data = self._raw.read(n) if n else b""
+        if n and not data:
+            self._finish()
+            return b""
+        self._count += len(data)
+        if self._size is not None and self._count > self._size:
+            raise IntegrityError(
+                f"{self._what} is larger than the {self._size} bytes its descriptor declares; "
+                "the source is corrupt or was tampered with."
+            )
+        if len(self.head) < 16:
+            self.head += data[: 16 - len(self.head)]
+        self._hash.update(data)
+        for observe in self._observers:
+            observe(data)
+        return data
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._size is not None and self._count != self._size:
+            raise IntegrityError(
+                f"{self._what} has {self._count} bytes but its descriptor declares {self._size}; "
+                "the source is truncated or corrupt."
+            )
+        actual = f"{self._digest.split(':', 1)[0]}:{self._hash.hexdigest()}"
+        if actual != self._digest:
+            raise IntegrityError(
+                f"{self._what} has digest {actual} but {self._digest} was expected; "
+                "the source is corrupt or was tampered with."
+            )
+        for finish in self._at_end:
+            finish()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._count
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+class _GzipPush:
+    """Push-style multi-member gzip decompressor that hands output to a sink in bounded pieces."""
+
+    def __init__(self, sink: Callable[[bytes], None], what: str) -> None:
+        self._sink = sink
+        self._what = what
+        self._d = isal_zlib.decompressobj(31)
+        self._in_member = False
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if not self._in_member:
+                if not data.strip(b"\0"):  # zero padding after the last member is tolerated, as gzip does
+                    return
+                self._in_member = True
+            try:
+                out = self._d.decompress(data, CHUNK)
+                while out:
+                    self._sink(out)
+                    out = self._d.decompress(self._d.unconsumed_tail, CHUNK) if self._d.unconsumed_tail else b""
+            except isal_zlib.error as exc:
+                raise IntegrityError(f"{self._what} is not a valid gzip stream ({exc}).") from None
+            if self._d.eof:
+                data = self._d.unused_data
+                self._d = isal_zlib.decompressobj(31)
+                self._in_member = False
+            else:
+                data = b""
+
+    def finish(self) -> None:
+        if self._in_member:
+            raise IntegrityError(f"{self._what} is a truncated gzip stream; the source is corrupt.")
+
+
+class _ZstdPush:
+    """Push-style zstd decompressor (all frames) with bounded output pieces."""
+
+    class _Sink:
+        def __init__(self, sink: Callable[[bytes], None]) -> None:
+            self._sink = sink
+
+        def write(self, data: bytes) -> int:
+            self._sink(bytes(data))
+            return len(data)
+
+    def __init__(self, sink: Callable[[bytes], None], what: str) -> None:
+        self._what = what
+        self._w = zstandard.ZstdDecompressor().stream_writer(
+            self._Sink(sink), write_size=CHUNK, write_return_read=True, closefd=False
+        )
+        self._fed = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._w.write(data)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{self._what} is not a valid zstd stream ({exc}).") from None
+        self._fed += len(data)
+
+    def finish(self) -> None:
+        try:
+            self._w.flush()
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{self._what} is a truncated zstd stream ({exc}).") from None
+
+
+class _PlainPush:
+    def __init__(self, sink: Callable[[bytes], None], what: str) -> None:
+        self._sink = sink
+
+    def feed(self, data: bytes) -> None:
+        self._sink(data)
+
+    def finish(self) -> None:
+        pass
+
+
+def push_decompressor(compression: str, sink: Callable[[bytes], None], what: str) -> _GzipPush | _ZstdPush | _PlainPush:
+    """A decompressor that takes compressed chunks with ``feed`` and pushes plain chunks into ``sink``."""
+    if compression == mt.GZIP:
+        return _GzipPush(sink, what)
+    if compression == mt.ZSTD:
+        return _ZstdPush(sink, what)
+    return _PlainPush(sink, what)
+
+
+class DecompressingReader(io.RawIOBase):
+    """Pull-style reader of the uncompressed bytes of a (gzip, zstd or plain) stream, detected from its bytes."""
+
+    def __init__(self, raw: BinaryIO, what: str, verify: tuple[str, str] | None = None) -> None:
+        super().__init__()
+        self._raw = raw
+        self._what = what
+        self._buffer = bytearray()
+        self._pending: list[bytes] = []
+        head = raw.read(CHUNK)
+        self.compression = detect_compression(head)
+        self._dec = push_decompressor(self.compression, self._pending.append, what)
+        self._eof = False
+        self._hash = _hasher(verify[0]) if verify else None
+        self._expect = verify
+        self._count = 0
+        if head:
+            self._dec.feed(head)
+        else:
+            self._end()
+
+    def readable(self) -> bool:
+        return True
+
+    def _end(self) -> None:
+        self._dec.finish()
+        self._eof = True
+        if self._hash is not None and self._expect is not None:
+            actual = f"{self._expect[0].split(':', 1)[0]}:{self._hash.hexdigest()}"
+            if actual != self._expect[0]:
+                raise IntegrityError(
+                    f"{self._what} uncompresses to DiffID {actual} but the image config says {self._expect[0]}; "
+                    "the image is corrupt or was tampered with."
+                )
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        while not self._buffer and not self._eof:
+            if self._pending:
+                self._buffer.extend(self._pending.pop(0))
+                break
+            data = self._raw.read(CHUNK)
+            if not data:
+                self._end()
+                break
+            self._dec.feed(data)
+        if not self._buffer and self._pending:
+            self._buffer.extend(self._pending.pop(0))
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        if self._hash is not None:
+            self._hash.update(out)
+        self._count += len(out)
+        return out
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+def open_verified_blob(source: BlobSource, desc: Descriptor, diff_id: str | None = None) -> VerifyingReader:
+    """Open a blob verified against its digest and size, and optionally its uncompressed DiffID on the side."""
+    what = f"blob {desc.digest} from {source.name}"
+    raw = source.open_blob(desc)
+    if diff_id is None:
+        return VerifyingReader(raw, desc.digest, desc.size, what)
+    state: dict[str, object] = {}
+    diff_hash = _hasher(diff_id)
+
+    def observe(chunk: bytes) -> None:
+        dec = state.get("dec")
+        if dec is None:
+            dec = push_decompressor(detect_compression(chunk), diff_hash.update, what)
+            state["dec"] = dec
+        dec.feed(chunk)  # type: ignore[attr-defined]
+
+    def finish() -> None:
+        dec = state.get("dec")
+        if dec is not None:
+            dec.finish()  # type: ignore[attr-defined]
+        actual = f"{diff_id.split(':', 1)[0]}:{diff_hash.hexdigest()}"
+        if actual != diff_id:
+            raise IntegrityError(
+                f"{what} uncompresses to DiffID {actual} but the image config says {diff_id}; "
+                "the image is corrupt or was tampered with."
+            )
+
+    return VerifyingReader(raw, desc.digest, desc.size, what, observers=(observe,), at_end=(finish,))
+
+
+def open_verified_tar(source: BlobSource, desc: Descriptor, diff_id: str) -> DecompressingReader:
+    """Open a layer's uncompressed tar, verified against blob digest, size and DiffID as it streams."""
+    what = f"layer {desc.digest} from {source.name}"
+    blob = VerifyingReader(source.open_blob(desc), desc.digest, desc.size, what)
+    return DecompressingReader(blob, what, verify=(diff_id, what))  # type: ignore[arg-type]
+
+
+class HashingWriter:
+    """Wraps a writable file and records the digest and size of what passes through it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        self._out.write(data)
+        return len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+
+class GzipWriter:
+    """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input."""
+
+    def __init__(self, out: BinaryIO | HashingWriter, level: int = GZIP_LEVEL) -> None:
+        self._out = out
+        self._c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
+        self._diff = hashlib.sha256()
+        self.uncompressed_size = 0
+
+    def write(self, data: bytes) -> int:
+        self._diff.update(data)
+        self.uncompressed_size += len(data)
+        out = self._c.compress(data)
+        if out:
+            self._out.write(out)
+        return len(data)
+
+    def close(self) -> None:
+        self._out.write(self._c.flush())
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self._diff.hexdigest()
+
+
+def copy_stream(
+    src: BinaryIO, dst: BinaryIO | HashingWriter | GzipWriter, progress: Callable[[int], None] | None = None
+) -> int:
+    """Copy a stream in bounded chunks; returns the byte count."""
+    total = 0
+    while chunk := src.read(CHUNK):
+        dst.write(chunk)
+        total += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return total
