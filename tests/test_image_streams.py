@@ -1,0 +1,128 @@
+"""Blob streaming: digest/size verification, compression detected from bytes, DiffID checks."""
+
+import gzip
+import hashlib
+import io
+import os
+
+import pytest
+import zstandard
+
+from sconify.errors import IntegrityError, UnsupportedError
+from sconify.image import mediatypes as mt
+from sconify.image.model import Descriptor
+from sconify.image.streams import (
+    DecompressingReader,
+    GzipWriter,
+    VerifyingReader,
+    detect_compression,
+    open_verified_blob,
+    open_verified_tar,
+)
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class BytesSource:
+    name = "test-source"
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def open_blob(self, desc: Descriptor):
+        return io.BytesIO(self.blobs[desc.digest])
+
+
+def test_verifying_reader_passes_good_bytes():
+    data = os.urandom(3 << 20)
+    r = VerifyingReader(io.BytesIO(data), digest(data), len(data), "blob")
+    assert r.read() == data
+
+
+def test_verifying_reader_refuses_wrong_digest_at_the_end():
+    data = b"x" * 1000
+    r = VerifyingReader(io.BytesIO(data), digest(b"y" * 1000), 1000, "blob X")
+    with pytest.raises(IntegrityError, match="blob X has digest"):
+        r.read()
+
+
+def test_verifying_reader_refuses_excess_bytes_early():
+    data = b"x" * 5000
+    r = VerifyingReader(io.BytesIO(data), digest(data), 100, "blob")
+    with pytest.raises(IntegrityError, match="larger than the 100 bytes"):
+        r.read(4096)
+
+
+def test_verifying_reader_refuses_short_blob():
+    data = b"x" * 50
+    r = VerifyingReader(io.BytesIO(data), digest(data), 100, "blob")
+    with pytest.raises(IntegrityError, match="has 50 bytes"):
+        r.read()
+
+
+def test_compression_is_detected_from_bytes_not_media_type():
+    plain = b"hello" * 100
+    assert detect_compression(gzip.compress(plain)) == mt.GZIP
+    assert detect_compression(zstandard.ZstdCompressor().compress(plain)) == mt.ZSTD
+    assert detect_compression(plain) == mt.NONE
+    with pytest.raises(UnsupportedError):
+        detect_compression(b"BZh91AY&SY")
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, lambda b: zstandard.ZstdCompressor().compress(b), lambda b: b])
+def test_open_verified_tar_decompresses_and_checks_diff_id(compress):
+    plain = os.urandom(1 << 20) + b"text" * 100000
+    blob = compress(plain)
+    desc = Descriptor(mt.OCI_LAYER_GZIP, digest(blob), len(blob))  # the label is deliberately not trusted
+    with open_verified_tar(BytesSource({desc.digest: blob}), desc, digest(plain)) as tar:
+        assert tar.read() == plain
+
+
+def test_open_verified_tar_refuses_wrong_diff_id():
+    plain = b"content" * 1000
+    blob = gzip.compress(plain)
+    desc = Descriptor(mt.OCI_LAYER_GZIP, digest(blob), len(blob))
+    with pytest.raises(IntegrityError, match="DiffID"):
+        open_verified_tar(BytesSource({desc.digest: blob}), desc, digest(b"other")).read()
+
+
+def test_truncated_gzip_is_refused_even_when_the_digest_matches():
+    plain = os.urandom(200000)
+    blob = gzip.compress(plain)[:-100]  # a truncated stream whose descriptor was made after truncation
+    with pytest.raises(IntegrityError, match="truncated gzip"):
+        DecompressingReader(io.BytesIO(blob), "layer L").read()
+
+
+def test_multi_member_gzip_is_read_whole():
+    a, b = b"first" * 1000, b"second" * 1000
+    blob = gzip.compress(a) + gzip.compress(b)
+    assert DecompressingReader(io.BytesIO(blob), "layer").read() == a + b
+
+
+def test_raw_copy_checks_diff_id_on_the_side():
+    plain = b"layer bytes" * 10000
+    blob = gzip.compress(plain)
+    desc = Descriptor(mt.OCI_LAYER_GZIP, digest(blob), len(blob))
+    source = BytesSource({desc.digest: blob})
+    assert open_verified_blob(source, desc, digest(plain)).read() == blob
+    with pytest.raises(IntegrityError, match="DiffID"):
+        open_verified_blob(source, desc, digest(b"nope")).read()
+
+
+def test_gzip_writer_is_deterministic_and_has_no_name_or_time():
+    data = os.urandom(100000) + b"abc" * 50000
+    outs = []
+    for _ in range(2):
+        buf = io.BytesIO()
+        w = GzipWriter(buf)
+        w.write(data)
+        w.close()
+        outs.append(buf.getvalue())
+        assert w.diff_id == digest(data)
+    assert outs[0] == outs[1]
+    header = outs[0][:10]
+    assert header[3] == 0  # no FNAME/FCOMMENT/FEXTRA flags
+    assert header[4:8] == b"\0\0\0\0"  # mtime zero
+    assert gzip.decompress(outs[0]) == data
