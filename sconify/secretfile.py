@@ -1,0 +1,57 @@
+"""The one place that writes files holding keys or policies: mode 0600 from the first byte, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from sconify.errors import DestinationError, KeyMaterialError
+
+
+def write_secret(path: Path, data: bytes, *, force: bool = False, what: str = "key") -> None:
+    """Write ``data`` to ``path`` with mode 0600: temp file in the same directory, fsync, rename.
+
+    An existing file is replaced only with ``force``; the file never exists with wider permissions or
+    partial content.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise DestinationError(f"{what} file {str(path)!r} already exists; remove it or pass --force to replace it.")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise DestinationError(f"directory {str(parent)!r} for the {what} file does not exist; create it first.")
+    old = os.umask(0o077)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    finally:
+        os.umask(old)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_secret(path: Path, what: str = "key") -> bytes:
+    """Read a key or policy file, with a clear error when it is missing or unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{what} file {str(path)!r} does not exist; give the right path.") from None
+    except OSError as exc:
+        raise KeyMaterialError(f"{what} file {str(path)!r} cannot be read ({exc.strerror}).") from None
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a directory for policies and keys with mode 0700 (an existing one is tightened)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)

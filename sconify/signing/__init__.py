@@ -1,0 +1,1 @@
+"""Image signatures in cosign's key-based format."""
