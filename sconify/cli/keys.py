@@ -1,4 +1,4 @@
-"""``sconify keys``: make the keys sconify signs with (the enclave signing key; more kinds may follow)."""
+"""``sconify keys``: make the keys sconify signs with: the enclave signing key and the image-signing key pair."""
 
 from __future__ import annotations
 
@@ -38,7 +38,20 @@ def _make_enclave_key(path: Path, passphrase: bytes | None, force: bool) -> dict
     }
 
 
-MAKERS: dict[str, KeyMaker] = {"enclave": _make_enclave_key}
+def _make_cosign_keys(prefix: Path, passphrase: bytes | None, force: bool) -> dict[str, Any]:
+    from sconify.signing.keys import generate_cosign_keys
+
+    pair = generate_cosign_keys(prefix, passphrase, force)
+    return {
+        "kind": "cosign",
+        "path": f"{pair.private_path} + {pair.public_path}",
+        "algorithm": "ECDSA P-256",
+        "encrypted": bool(passphrase),
+        "mrsigner": "",
+    }
+
+
+MAKERS: dict[str, KeyMaker] = {"enclave": _make_enclave_key, "cosign": _make_cosign_keys}
 
 
 @click.group()
@@ -49,14 +62,17 @@ def keys() -> None:
 @keys.command("generate")
 @click.option("--enclave", "enclave_out", type=_FILE, metavar="OUT.pem",
               help="Write a new enclave signing key (RSA-3072, exponent 3) here, mode 0600.")
+@click.option("--cosign", "cosign_prefix", type=_FILE, metavar="PREFIX",
+              help="Write a new image-signing key pair for cosign's format: PREFIX.key (ECDSA P-256, PKCS#8, "
+                   "mode 0600) and PREFIX.pub.")
 @click.option("--passphrase-file", type=_FILE, metavar="FILE",
               help="Encrypt the key with the passphrase on this file's first line "
                    "[default: $SCONIFY_ENCLAVE_KEY_PASSPHRASE, else not encrypted].")
 @click.option("--force", is_flag=True, help="Replace a key file that already exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the keys written.")
-def generate(enclave_out: Path | None, passphrase_file: Path | None, force: bool, as_json: bool) -> None:
+def generate(enclave_out: Path | None, cosign_prefix: Path | None, passphrase_file: Path | None, force: bool, as_json: bool) -> None:
     """Generate new keys; never overwrites an existing key file without --force."""
-    requested = {"enclave": enclave_out}
+    requested = {"enclave": enclave_out, "cosign": cosign_prefix}
     wanted = {kind: value for kind, value in requested.items() if value is not None}
     if not wanted:
         raise UsageError("say which key to make, such as `sconify keys generate --enclave key.pem`.")
