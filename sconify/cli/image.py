@@ -32,9 +32,11 @@ def copy(
     src_creds: str | None,
     src_authfile: str | None,
     src_tls_verify: bool | None,
+    src_daemon_host: str | None,
     dest_creds: str | None,
     dest_authfile: str | None,
     dest_tls_verify: bool | None,
+    dest_daemon_host: str | None,
     as_json: bool,
 ) -> None:
     """Copy an image from SRC to DST (any transport to any transport), keeping digests where the format allows.
@@ -44,9 +46,13 @@ def copy(
     """
     src_ref, dst_ref = parse_reference(source), parse_reference(destination)
     image = open_image(
-        src_ref, parse_platform(platform), make_transport_options(src_creds, src_authfile, src_tls_verify)
+        src_ref,
+        parse_platform(platform),
+        make_transport_options(src_creds, src_authfile, src_tls_verify, src_daemon_host),
     )
-    dest = open_destination(dst_ref, make_transport_options(dest_creds, dest_authfile, dest_tls_verify))
+    dest = open_destination(
+        dst_ref, make_transport_options(dest_creds, dest_authfile, dest_tls_verify, dest_daemon_host)
+    )
     result = write_image(image, dest, progress_for(ctx))
     if as_json:
         emit_json(result.to_json())
@@ -106,10 +112,13 @@ def inspect(
     creds: str | None,
     authfile: str | None,
     tls_verify: bool | None,
+    daemon_host: str | None,
 ) -> None:
     """Show an image: its digest, platform, command, environment and layers."""
     image = open_image(
-        parse_reference(reference), parse_platform(platform), make_transport_options(creds, authfile, tls_verify)
+        parse_reference(reference),
+        parse_platform(platform),
+        make_transport_options(creds, authfile, tls_verify, daemon_host),
     )
     if raw:
         data = image.config_bytes if show_config else image.manifest_bytes

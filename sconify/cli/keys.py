@@ -60,17 +60,33 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--enclave", "enclave_out", type=_FILE, metavar="OUT.pem",
-              help="Write a new enclave signing key (RSA-3072, exponent 3) here, mode 0600.")
-@click.option("--cosign", "cosign_prefix", type=_FILE, metavar="PREFIX",
-              help="Write a new image-signing key pair for cosign's format: PREFIX.key (ECDSA P-256, PKCS#8, "
-                   "mode 0600) and PREFIX.pub.")
-@click.option("--passphrase-file", type=_FILE, metavar="FILE",
-              help="Encrypt the key with the passphrase on this file's first line "
-                   "[default: $SCONIFY_ENCLAVE_KEY_PASSPHRASE, else not encrypted].")
+@click.option(
+    "--enclave",
+    "enclave_out",
+    type=_FILE,
+    metavar="OUT.pem",
+    help="Write a new enclave signing key (RSA-3072, exponent 3) here, mode 0600.",
+)
+@click.option(
+    "--cosign",
+    "cosign_prefix",
+    type=_FILE,
+    metavar="PREFIX",
+    help="Write a new image-signing key pair for cosign's format: PREFIX.key (ECDSA P-256, PKCS#8, "
+    "mode 0600) and PREFIX.pub.",
+)
+@click.option(
+    "--passphrase-file",
+    type=_FILE,
+    metavar="FILE",
+    help="Encrypt the key with the passphrase on this file's first line "
+    "[default: $SCONIFY_ENCLAVE_KEY_PASSPHRASE, else not encrypted].",
+)
 @click.option("--force", is_flag=True, help="Replace a key file that already exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of the keys written.")
-def generate(enclave_out: Path | None, cosign_prefix: Path | None, passphrase_file: Path | None, force: bool, as_json: bool) -> None:
+def generate(
+    enclave_out: Path | None, cosign_prefix: Path | None, passphrase_file: Path | None, force: bool, as_json: bool
+) -> None:
     """Generate new keys; never overwrites an existing key file without --force."""
     requested = {"enclave": enclave_out, "cosign": cosign_prefix}
     wanted = {kind: value for kind, value in requested.items() if value is not None}
@@ -81,6 +97,7 @@ def generate(enclave_out: Path | None, cosign_prefix: Path | None, passphrase_fi
     if as_json:
         emit_json(rows)
         return
-    emit_table(["kind", "path", "algorithm", "encrypted", "mrsigner"],
-               [(r["kind"], r["path"], r["algorithm"], "yes" if r["encrypted"] else "no", r["mrsigner"])
-                for r in rows])
+    emit_table(
+        ["kind", "path", "algorithm", "encrypted", "mrsigner"],
+        [(r["kind"], r["path"], r["algorithm"], "yes" if r["encrypted"] else "no", r["mrsigner"]) for r in rows],
+    )

@@ -46,13 +46,22 @@ def transport_options(prefix: str = "") -> Callable[[Callable[..., Any]], Callab
             default=None,
             help="Require HTTPS with a verified certificate (default: yes, except registries on loopback).",
         )(f)
+        f = click.option(
+            f"--{prefix}daemon-host",
+            f"{name}daemon_host",
+            metavar="URL",
+            default=None,
+            help="Docker engine for docker-daemon: references (default: $DOCKER_HOST or the local socket).",
+        )(f)
         return f
 
     return decorate
 
 
-def make_transport_options(creds: str | None, authfile: str | None, tls_verify: bool | None) -> TransportOptions:
-    return TransportOptions(creds=creds, authfile=authfile, tls_verify=tls_verify)
+def make_transport_options(
+    creds: str | None, authfile: str | None, tls_verify: bool | None, daemon_host: str | None = None
+) -> TransportOptions:
+    return TransportOptions(creds=creds, authfile=authfile, tls_verify=tls_verify, daemon_host=daemon_host)
 
 
 def parse_platform(text: str | None) -> Platform | None:

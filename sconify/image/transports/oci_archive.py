@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tarfile
@@ -12,8 +13,44 @@ from typing import BinaryIO
 
 from sconify.errors import DestinationError, IntegrityError, NotFoundError
 from sconify.image.model import Descriptor, Image, Platform
+from sconify.image.streams import CHUNK
 from sconify.image.transports.base import read_limited
 from sconify.image.transports.oci import OciLayoutDestination, open_oci_layout
+
+
+class _MemberReader(io.RawIOBase):
+    """The bytes of one tar member, read with ``pread`` so that any number of readers share one descriptor."""
+
+    def __init__(self, fd: int, offset: int, size: int, what: str) -> None:
+        super().__init__()
+        self._what = what
+        self._fd = fd
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        n = min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._offset + self._pos)
+        if not data:
+            raise IntegrityError(f"{self._what} ends early; the archive is truncated.")
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class TarMemberStore:
@@ -36,9 +73,10 @@ class TarMemberStore:
         info = self.members.get(os.path.normpath(member).lstrip("/"))
         if info is None or not info.isfile():
             raise NotFoundError(f"{self.name}: {member!r} is missing from the archive; the archive is incomplete.")
-        f = self._tar.extractfile(info)
-        assert f is not None
-        return f  # type: ignore[return-value]
+        # pread on the shared descriptor: several layers are read by several threads at once.
+        fileobj = self._tar.fileobj
+        assert fileobj is not None
+        return _MemberReader(fileobj.fileno(), info.offset_data, info.size, f"{member} in {self.name}")  # type: ignore[return-value]
 
     def read_member(self, member: str) -> bytes:
         with self.open_member(member) as f:
