@@ -17,3 +17,4 @@ from infra.fixtures import (  # noqa: F401 (fixtures are found by name)
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     mark_by_fixtures(items)
+from fixture_images import fixture_image  # noqa: E402,F401  (session-cached fixture images)
