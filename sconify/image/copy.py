@@ -61,7 +61,8 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _write_layer(layer: Layer, dest: Destination, family: str, progress: Progress) -> LayerCopy:
+def transfer_layer(layer: Layer, dest: Destination, family: str, progress: Progress = SILENT) -> LayerCopy:
+    """Make one source layer present in the destination: kept, mounted, copied, or re-encoded if it must be."""
     desc = layer.descriptor
     hint = mt.compression_of(desc.media_type)
     wanted_type = mt.layer_type(family, hint) if hint is not None else desc.media_type
@@ -105,7 +106,7 @@ def write_image(image: Image, dest: Destination, progress: Progress = SILENT) ->
         family = image.family if image.family in dest.families else dest.families[0]
         layers = image.layers
         with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_LAYERS, len(layers)))) as pool:
-            copies = list(pool.map(lambda layer: _write_layer(layer, dest, family, progress), layers))
+            copies = list(pool.map(lambda layer: transfer_layer(layer, dest, family, progress), layers))
         config_desc = image.config_descriptor
         config_type = mt.DOCKER_CONFIG if family == "docker" else mt.OCI_CONFIG
         if not dest.has_blob(config_desc):

@@ -1,0 +1,63 @@
+"""The header scan: every layer's entries (no contents), the merged tree, and per-layer facts for the plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sconify.image.model import Image
+from sconify.image.tarfs import Entry, EntryKind
+from sconify.image.tree import FileTree, layer_entries, merge
+from sconify.plan import LayerFacts
+from sconify.progress import SILENT, Progress
+
+PARALLEL = 2
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The merged tree and what each layer holds."""
+
+    tree: FileTree
+    layers: tuple[LayerFacts, ...]
+
+    def visible_paths(self) -> dict[str, str]:
+        """Absolute path -> kind for every path of the merged tree."""
+        return {"/" + node.path: str(node.kind) for node in self.tree.walk() if node.path}
+
+    def supplies(self, layer: int, path: str) -> bool:
+        """Whether ``layer`` supplies the visible version of ``path`` (a layer-relative path)."""
+        node = self.tree.get(path)
+        return node is not None and node.layer == layer and not node.implicit
+
+
+def _entries(image: Image, index: int, progress: Progress) -> list[Entry]:
+    layer = image.layers[index]
+    what = f"layer {index} ({layer.descriptor.digest}) of {image.name or 'the image'}"
+    with progress.task(f"scan layer {index}", None, unit="entries") as bar:
+        out = []
+        for entry in layer_entries(layer, what):
+            out.append(entry)
+            bar.update(1)
+        return out
+
+
+def scan_image(image: Image, progress: Progress = SILENT) -> Scan:
+    """Read every layer's headers (layers in parallel), verify every blob, and merge the tree."""
+    count = len(image.layers)
+    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, count))) as pool:
+        per_layer: Sequence[list[Entry]] = list(pool.map(lambda i: _entries(image, i, progress), range(count)))
+    tree = merge(per_layer)
+    facts = []
+    for index, (layer, entries) in enumerate(zip(image.layers, per_layer, strict=True)):
+        files = []
+        for entry in entries:
+            if entry.kind in (EntryKind.REGULAR, EntryKind.HARDLINK) and not (entry.is_whiteout or entry.is_opaque):
+                node = tree.get(entry.path)
+                visible = node is not None and node.layer == index and node.entry is entry
+                files.append((entry.path, entry.size, visible))
+        facts.append(
+            LayerFacts(index, layer.descriptor.digest, layer.diff_id, layer.descriptor.size, len(entries), tuple(files))
+        )
+    return Scan(tree, tuple(facts))
