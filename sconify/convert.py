@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from sconify import __version__
-from sconify.analyze.analysis import Analysis, analyze
+from sconify.analyze.analysis import Analysis, analyze_image
+from sconify.analyze.files import HeaderCache
+from sconify.build.cache import LayerCache
 from sconify.build.layers import LayerBuilder, LayerOutput
 from sconify.build.runtime import Runtime, builtin_runtime, runtime_from_image, runtime_layer_entries, write_entries
-from sconify.build.scan import Scan, scan_image
+from sconify.build.scan import Scan, scan_from
 from sconify.enclave.keys import generate_enclave_key, load_enclave_key
 from sconify.enclave.measurement import Measurement, measure
 from sconify.enclave.sigstruct import SigstructBody, sign
@@ -118,11 +120,13 @@ def prepare(
     transport: TransportOptions | None = None,
     rules_dirs: Sequence[Path] = (),
     progress: Progress = SILENT,
+    header_cache: HeaderCache | None = None,
 ) -> Prepared:
     """Open, analyze, scan and plan; no output is written."""
     image = open_image(source, platform, transport)
-    analysis = analyze(image, load_rules(rules_dirs), source=str(source), progress=progress)
-    scan = scan_image(image, progress)
+    analyzed = analyze_image(image, load_rules(rules_dirs), source=str(source), progress=progress, cache=header_cache)
+    analysis = analyzed.analysis
+    scan = scan_from(image, analyzed.tree, [h.entries for h in analyzed.headers])
     plan = make_plan(analysis, scan.layers, replace_created(options, _created(image, options)), scan.visible_paths())
     return Prepared(image, analysis, scan, plan)
 
@@ -234,7 +238,7 @@ def new_config(
     config["created"] = created
     config["rootfs"] = {"type": "layers", "diff_ids": list(diff_ids)}
     history = [dict(h) for h in config.get("history") or []]
-    rewritten = {o.index for o in outputs if o.action == "rewritten"}
+    rewritten = {a.index for a in plan.layers if a.action == "rewrite"}
     layer_no = 0
     for entry in history:
         for key in ("created_by", "comment"):
@@ -360,6 +364,7 @@ def convert(
     dest_transport: TransportOptions | None = None,
     rules_dirs: Sequence[Path] = (),
     progress: Progress = SILENT,
+    cache: LayerCache | None = None,
 ) -> ConvertResult:
     """Convert ``source`` into ``destination``; write the policy, signature, chart and report."""
     timings: dict[str, float] = {}
@@ -380,7 +385,8 @@ def convert(
     injections = _load_yaml_list(inject_file, "injection_files")
 
     prepared = prepare(
-        source, options, platform=platform, transport=src_transport, rules_dirs=rules_dirs, progress=progress
+        source, options, platform=platform, transport=src_transport, rules_dirs=rules_dirs, progress=progress,
+        header_cache=cache,
     )
     image, plan, scan = prepared.image, prepared.plan, prepared.scan
     timings["analyze"] = time.monotonic() - started
@@ -399,7 +405,9 @@ def convert(
     family = "oci" if "oci" in dest.families else dest.families[0]
     try:
         t0 = time.monotonic()
-        builder = LayerBuilder(image, scan, regions, fspf_key, plan.chunk_size, dest, family, plan.executable, progress)
+        builder = LayerBuilder(
+            image, scan, regions, fspf_key, plan.chunk_size, dest, family, plan.executable, progress, cache
+        )
         with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_LAYERS, len(plan.layers)))) as pool:
             outputs = list(pool.map(builder.build, plan.layers))
         timings["layers"] = time.monotonic() - t0

@@ -26,7 +26,7 @@ from sconify.analyze.command import (
     working_dir,
 )
 from sconify.analyze.elf import ElfInfo, Library, SearchContext, parse_ld_so_conf, search_library
-from sconify.analyze.files import FileContent, LayerCounts, LayerReader, ReadStats
+from sconify.analyze.files import FileContent, HeaderCache, LayerCounts, LayerHeaders, LayerReader, ReadStats
 from sconify.analyze.findings import Finding
 from sconify.analyze.interpreters import SYSTEM_DIRS, Interpreter, app_root, describe_interpreter
 from sconify.analyze.view import ImageView, absolute
@@ -335,10 +335,32 @@ def analyze(
     *,
     source: str | None = None,
     progress: Progress = SILENT,
+    cache: HeaderCache | None = None,
 ) -> Analysis:
     """Analyze an image without running it: read the layer headers once, then the few files needed, in rounds."""
+    return analyze_image(image, rules, source=source, progress=progress, cache=cache).analysis
+
+
+@dataclass(frozen=True)
+class AnalyzedImage:
+    """An analysis with the header scan it was made from (the converter plans its layers from the same scan)."""
+
+    analysis: Analysis
+    tree: FileTree
+    headers: tuple[LayerHeaders, ...]
+
+
+def analyze_image(
+    image: Image,
+    rules: RuleSet | None = None,
+    *,
+    source: str | None = None,
+    progress: Progress = SILENT,
+    cache: HeaderCache | None = None,
+) -> AnalyzedImage:
+    """``analyze``, also returning the merged tree and each layer's headers."""
     ruleset = rules if rules is not None else load_rules()
-    reader = LayerReader(image, progress=progress)
+    reader = LayerReader(image, progress=progress, cache=cache)
     tree, captured, counts = reader.header_pass()
     summary = summarize_tree(tree, image, counts)
     contents: dict[tuple[int, str], FileContent] = dict(captured)
@@ -361,7 +383,8 @@ def analyze(
     if incomplete:
         warnings = (*warnings, Finding("analysis-incomplete", f"sconify stopped after {MAX_ROUNDS} read rounds "
                                        f"with {len(view.wants)} files unread; the analysis may miss libraries."))
-    return Analysis(**{**derived, "warnings": warnings}, tree=summary, reads=ReadSummary.of(reader.stats))
+    analysis = Analysis(**{**derived, "warnings": warnings}, tree=summary, reads=ReadSummary.of(reader.stats))
+    return AnalyzedImage(analysis, tree, tuple(reader.headers))
 
 
 # ------------------------------------------------------------------------------------------------ deriving

@@ -13,10 +13,12 @@ import fnmatch
 import io
 import logging
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from sconify.analyze.elf import ElfInfo, is_elf, parse_elf, scan_markers
 from sconify.image.model import BlobSource, Descriptor, Image, Layer
@@ -148,11 +150,40 @@ def _read_content(content: EntryContent | BinaryIO, size: int, what: str, stats:
     return FileContent(size, head)
 
 
+HEADER_THREADS = 2
+
+
+@dataclass(frozen=True)
+class LayerHeaders:
+    """What one read of a layer's headers yields: its entries, the small contents captured, its counts."""
+
+    entries: tuple[Entry, ...]
+    captured: dict[str, FileContent]
+    counts: LayerCounts
+
+
+class HeaderCache(Protocol):
+    """Where header scans of layers are kept between runs, by blob digest."""
+
+    def get(self, digest: str) -> LayerHeaders | None: ...
+
+    def put(self, digest: str, headers: LayerHeaders) -> None: ...
+
+
 class LayerReader:
     """Streams the layers of one image, counting bytes and verifying every blob to its end."""
 
-    def __init__(self, image: Image, stats: ReadStats | None = None, progress: Progress = SILENT) -> None:
+    def __init__(
+        self,
+        image: Image,
+        stats: ReadStats | None = None,
+        progress: Progress = SILENT,
+        cache: HeaderCache | None = None,
+    ) -> None:
         self.image = image
+        self.cache = cache
+        self.headers: list[LayerHeaders] = []
+        self._lock = threading.Lock()
         self.layers: tuple[Layer, ...] = image.layers
         self.progress = progress
         self._task: Task | None = None
@@ -164,73 +195,98 @@ class LayerReader:
         return f"layer {index} ({self.layers[index].descriptor.digest}) of {self.image.name or 'the image'}"
 
     def _add_compressed(self, n: int) -> None:
-        self.stats.compressed_bytes += n
-        if self._task is not None:
-            self._task.update(n)
+        with self._lock:
+            self.stats.compressed_bytes += n
+            if self._task is not None:
+                self._task.update(n)
 
     def _add_uncompressed(self, n: int) -> None:
-        self.stats.uncompressed_bytes += n
+        with self._lock:
+            self.stats.uncompressed_bytes += n
 
     def open_tar(self, index: int) -> BinaryIO:
         layer = self.layers[index]
-        self.stats.layer_reads[index] += 1
+        with self._lock:
+            self.stats.layer_reads[index] += 1
         counted = Layer(layer.descriptor, layer.diff_id, _CountingSource(layer.source, self._add_compressed))
         return _CountingReader(counted.open_tar(), self._add_uncompressed)  # type: ignore[return-value]
 
-    def header_pass(self) -> tuple[FileTree, dict[tuple[int, str], FileContent], list[LayerCounts]]:
-        """The merged tree, the contents captured on the way (keyed by layer and member path), layer counts."""
-        captured: dict[tuple[int, str], FileContent] = {}
-        counts: list[LayerCounts] = []
-        heads = 0
-        script_bytes = 0
+    def scan_layer(self, index: int) -> LayerHeaders:
+        """One layer's entries, the contents captured on the way, and its counts (one read of the blob)."""
+        captured: dict[str, FileContent] = {}
+        entries: list[Entry] = []
+        heads = script_bytes = 0
+        n = whiteouts = regular = 0
 
         def wanted(entry: Entry) -> bool:
             if entry.kind is not EntryKind.REGULAR or entry.size == 0:
                 return False
             return _is_prefetched(entry.path) or (bool(entry.mode & 0o111) and heads < MAX_HEADS)
 
-        def entries(index: int) -> Iterator[Entry]:
-            nonlocal heads, script_bytes
-            n = whiteouts = regular = 0
-            with closing(self.open_tar(index)) as stream:
-                for entry, content in read_layer(stream, what=self._what(index), needed=wanted):
-                    n += 1
-                    if entry.is_whiteout or entry.is_opaque:
-                        whiteouts += 1
-                    elif entry.kind is EntryKind.REGULAR:
-                        regular += entry.size
-                    if content is not None:
-                        if _is_prefetched(entry.path):
-                            captured[(index, entry.path)] = _read_content(content, entry.size, entry.path,
-                                                                          self.stats)
-                        else:
-                            head = content.read(HEAD_BYTES)
-                            self.stats.content_bytes += len(head)
-                            heads += 1
-                            if (head.startswith(b"#!") and entry.size <= SCRIPT_PREFETCH
-                                    and script_bytes + entry.size <= SCRIPT_BUDGET):
-                                # Scripts are small and the analysis reads the ones it meets whole (wrappers).
-                                rest = content.read(entry.size - len(head))
-                                self.stats.content_bytes += len(rest)
-                                script_bytes += entry.size
-                                captured[(index, entry.path)] = FileContent(entry.size, head, head + rest)
-                            else:
-                                captured[(index, entry.path)] = FileContent(entry.size, head, complete=False)
-                    yield entry
-            counts.append(LayerCounts(n, whiteouts, regular))
+        stats = ReadStats()  # per layer, added to the reader's under the lock (layers are read in parallel)
+        with closing(self.open_tar(index)) as stream:
+            for entry, content in read_layer(stream, what=self._what(index), needed=wanted):
+                n += 1
+                entries.append(entry)
+                if entry.is_whiteout or entry.is_opaque:
+                    whiteouts += 1
+                elif entry.kind is EntryKind.REGULAR:
+                    regular += entry.size
+                if content is None:
+                    continue
+                if _is_prefetched(entry.path):
+                    captured[entry.path] = _read_content(content, entry.size, entry.path, stats)
+                    continue
+                head = content.read(HEAD_BYTES)
+                stats.content_bytes += len(head)
+                heads += 1
+                if (head.startswith(b"#!") and entry.size <= SCRIPT_PREFETCH
+                        and script_bytes + entry.size <= SCRIPT_BUDGET):
+                    # Scripts are small and the analysis reads the ones it meets whole (wrappers).
+                    rest = content.read(entry.size - len(head))
+                    stats.content_bytes += len(rest)
+                    script_bytes += entry.size
+                    captured[entry.path] = FileContent(entry.size, head, head + rest)
+                else:
+                    captured[entry.path] = FileContent(entry.size, head, complete=False)
+        with self._lock:
+            self.stats.content_bytes += stats.content_bytes
+        return LayerHeaders(tuple(entries), captured, LayerCounts(n, whiteouts, regular))
 
-        tree = FileTree()
+    def header_pass(self) -> tuple[FileTree, dict[tuple[int, str], FileContent], list[LayerCounts]]:
+        """The merged tree, the contents captured on the way (keyed by layer and member path), layer counts.
+
+        Layers are read in parallel; with a ``cache``, a layer whose headers were read before (same blob
+        digest) is not read again. The per-layer results stay in ``self.headers`` for the converter.
+        """
         total = sum(layer.descriptor.size for layer in self.layers)
+
+        def one(index: int) -> LayerHeaders:
+            digest = self.layers[index].descriptor.digest
+            cached = self.cache.get(digest) if self.cache is not None else None
+            if cached is not None:
+                return cached
+            headers = self.scan_layer(index)
+            if self.cache is not None:
+                self.cache.put(digest, headers)
+            return headers
+
         with self.progress.task("reading layer headers", total=total) as task:  # type: ignore[attr-defined]
             self._task = task
             try:
-                for index in range(len(self.layers)):
-                    tree.add_layer(entries(index))
+                with ThreadPoolExecutor(max_workers=max(1, min(HEADER_THREADS, len(self.layers)))) as pool:
+                    self.headers = list(pool.map(one, range(len(self.layers))))
             finally:
                 self._task = None
+        tree = FileTree()
+        captured: dict[tuple[int, str], FileContent] = {}
+        for index, headers in enumerate(self.headers):
+            tree.add_layer(headers.entries)
+            for path, content in headers.captured.items():
+                captured[(index, path)] = content
         self.stats.header_pass_compressed = self.stats.compressed_bytes
         self.stats.header_pass_uncompressed = self.stats.uncompressed_bytes
-        return tree, captured, counts
+        return tree, captured, [h.counts for h in self.headers]
 
     def fetch(self, members: Iterable[tuple[int, str]]) -> dict[tuple[int, str], FileContent]:
         """Read the given (layer, member path) files, reading each layer involved once, in layer order."""

@@ -4,12 +4,14 @@ way the chunk tags of the visible protected files are collected for the volume m
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from sconify.build.cache import CachedLayer, LayerCache
 from sconify.build.scan import Scan
 from sconify.errors import ConversionError
 from sconify.fspf.crypto import VolumeKey
@@ -98,6 +100,7 @@ class LayerBuilder:
         family: str,
         executable: str | None,
         progress: Progress = SILENT,
+        cache: LayerCache | None = None,
     ) -> None:
         self.image = image
         self.scan = scan
@@ -108,11 +111,20 @@ class LayerBuilder:
         self.family = family
         self.executable = executable.lstrip("/") if executable else None
         self.progress = progress
+        self.cache = cache
         # Layers that supply a visible protected entry or the measured program: only these are streamed.
         self._shielded_layers: set[int] = set()
         for node in scan.tree.walk():
             if node.path and not node.implicit and (self._mode(node.entry).protected or node.path == self.executable):
                 self._shielded_layers.add(node.layer)
+        self._visible_hash: dict[int, str] = {}
+        if cache is not None:
+            by_layer: dict[int, list[str]] = {}
+            for node in scan.tree.walk():
+                if node.path and not node.implicit:
+                    by_layer.setdefault(node.layer, []).append(node.path)
+            for layer_index, paths in by_layer.items():
+                self._visible_hash[layer_index] = hashlib.sha256("\0".join(sorted(paths)).encode()).hexdigest()
 
     def _visible(self, index: int, entry: Entry) -> bool:
         node = self.scan.tree.get(entry.path)
@@ -129,7 +141,72 @@ class LayerBuilder:
             raise ConversionError(f"the program /{entry.path} ended early while it was read; the layer is corrupt.")
         return data
 
+    def _cache_key(self, action: LayerAction) -> str:
+        layer = self.image.layers[action.index]
+        supplies_program = self.executable is not None and self.scan.supplies(action.index, self.executable)
+        return LayerCache.layer_key(
+            {
+                "digest": layer.descriptor.digest,
+                "diff_id": layer.diff_id,
+                "action": action.action,
+                "visible": self._visible_hash.get(action.index, ""),
+                "regions": [(r.prefix.hex(), int(r.mode)) for r in self.regions.regions],
+                "key_id": self.key.key_id.hex(),
+                "chunk_size": self.chunk_size,
+                "program": self.executable if supplies_program else None,
+                "family": self.family,
+                "compression": self.dest.preferred_compression,
+                "accepted": sorted(self.dest.accepted_compressions),
+            }
+        )
+
     def build(self, action: LayerAction) -> LayerOutput:
+        """The output of one source layer, from the cache when the same work was done before."""
+        if self.cache is None:
+            return self._build(action, None)
+        key = self._cache_key(action)
+        hit = self.cache.lookup(key)
+        if hit is not None:
+            return self._from_cache(action, hit)
+        spool = self.cache.spool() if action.action == "rewrite" else None
+        try:
+            out = self._build(action, spool[1] if spool else None)
+        except BaseException:
+            if spool:
+                spool[1].close()
+                spool[0].unlink(missing_ok=True)
+            raise
+        if spool:
+            spool[1].close()
+        program_sealed = out.executable is not None and self._mode_of_path(self.executable) is RegionMode.ENCRYPTED
+        if program_sealed:  # never keep plaintext of an encrypted file in the cache
+            if spool:
+                spool[0].unlink(missing_ok=True)
+            return out
+        self.cache.store(
+            key,
+            CachedLayer(out.descriptor, out.diff_id, out.action, out.records, out.executable, None),
+            spool[0] if spool else None,
+        )
+        return out
+
+    def _mode_of_path(self, path: str | None) -> RegionMode:
+        return self.regions.mode_for(volume_path(path)) if path else RegionMode.NOT_PROTECTED
+
+    def _from_cache(self, action: LayerAction, hit: CachedLayer) -> LayerOutput:
+        layer = self.image.layers[action.index]
+        if hit.blob is not None:
+            if not self.dest.has_blob(hit.descriptor):
+                with (
+                    open(hit.blob, "rb") as f,
+                    self.progress.task(f"cached layer {action.index}", hit.descriptor.size) as bar,
+                ):
+                    self.dest.put_blob(hit.descriptor, f, bar.update)  # type: ignore[arg-type]
+            return LayerOutput(action.index, hit.descriptor, hit.diff_id, "cached", hit.records, hit.executable)
+        copy = transfer_layer(layer, self.dest, self.family, self.progress)
+        return LayerOutput(action.index, copy.written, layer.diff_id, "cached", hit.records, hit.executable)
+
+    def _build(self, action: LayerAction, spool: BinaryIO | None) -> LayerOutput:
         index = action.index
         layer = self.image.layers[index]
         what = f"layer {index} ({layer.descriptor.digest}) of {self.image.name or 'the image'}"
@@ -154,6 +231,8 @@ class LayerBuilder:
             return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], tuple(records), executable)
         # Rewrite: the same entries in the same order, encrypted contents sealed, hidden encrypted copies dropped.
         writer = self.dest.new_blob(mt.layer_type(self.family, mt.GZIP))
+        if spool is not None:
+            writer = _Tee(writer, spool)
         try:
             with self.progress.task(f"rewrite layer {index}", None) as bar, layer.open_tar() as tar:
                 gz = GzipWriter(writer)
@@ -218,6 +297,24 @@ class LayerBuilder:
             _drain(stream)  # type: ignore[arg-type]
         size, chunks = collector.sealed.pop(path)
         return ProtectedRecord(entry, size, chunks)
+
+
+class _Tee:
+    """A blob writer that also copies every byte into a spool file (the cache's copy of a sealed layer)."""
+
+    def __init__(self, inner: Any, spool: BinaryIO) -> None:
+        self._inner = inner
+        self._spool = spool
+
+    def write(self, data: bytes) -> int:
+        self._spool.write(data)
+        return self._inner.write(data)
+
+    def commit(self) -> Descriptor:
+        return self._inner.commit()
+
+    def abort(self) -> None:
+        self._inner.abort()
 
 
 _ACTIONS = {"present": "present", "mounted": "mounted", "copied": "reused", "converted": "recompressed"}

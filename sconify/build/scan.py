@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sconify.image.model import Image
 from sconify.image.tarfs import Entry, EntryKind
-from sconify.image.tree import FileTree, layer_entries, merge
+from sconify.image.tree import FileTree
 from sconify.plan import LayerFacts
 from sconify.progress import SILENT, Progress
-
-PARALLEL = 2
 
 
 @dataclass(frozen=True)
@@ -32,23 +29,8 @@ class Scan:
         return node is not None and node.layer == layer and not node.implicit
 
 
-def _entries(image: Image, index: int, progress: Progress) -> list[Entry]:
-    layer = image.layers[index]
-    what = f"layer {index} ({layer.descriptor.digest}) of {image.name or 'the image'}"
-    with progress.task(f"scan layer {index}", None, unit="entries") as bar:
-        out = []
-        for entry in layer_entries(layer, what):
-            out.append(entry)
-            bar.update(1)
-        return out
-
-
-def scan_image(image: Image, progress: Progress = SILENT) -> Scan:
-    """Read every layer's headers (layers in parallel), verify every blob, and merge the tree."""
-    count = len(image.layers)
-    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL, count))) as pool:
-        per_layer: Sequence[list[Entry]] = list(pool.map(lambda i: _entries(image, i, progress), range(count)))
-    tree = merge(per_layer)
+def scan_from(image: Image, tree: FileTree, per_layer: Sequence[Sequence[Entry]]) -> Scan:
+    """The scan of an image from the merged tree and every layer's entries (as the analysis read them)."""
     facts = []
     for index, (layer, entries) in enumerate(zip(image.layers, per_layer, strict=True)):
         files = []
@@ -61,3 +43,12 @@ def scan_image(image: Image, progress: Progress = SILENT) -> Scan:
             LayerFacts(index, layer.descriptor.digest, layer.diff_id, layer.descriptor.size, len(entries), tuple(files))
         )
     return Scan(tree, tuple(facts))
+
+
+def scan_image(image: Image, progress: Progress = SILENT) -> Scan:
+    """Read every layer's headers (layers in parallel, each blob verified) and scan the image."""
+    from sconify.analyze.files import LayerReader
+
+    reader = LayerReader(image, progress=progress)
+    tree, _, _ = reader.header_pass()
+    return scan_from(image, tree, [h.entries for h in reader.headers])

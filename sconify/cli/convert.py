@@ -73,6 +73,8 @@ def _options(kw: dict[str, Any]) -> ConvertOptions:
 @click.option("--allow-debug", is_flag=True, help="Allow a debug enclave (a relaxation listed in the report).")
 @click.option("--secrets", "secrets_file", type=_FILE, help="YAML list of extra session secrets.")
 @click.option("--inject", "inject_file", type=_FILE, help="YAML list of injection files for the image.")
+@click.option("--cache", "cache_dir", type=_DIR, envvar="SCONIFY_CACHE", metavar="DIR",
+              help="Keep per-layer work here and reuse it (default: $SCONIFY_CACHE; none when unset).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (or plan) as JSON.")
 @platform_option
@@ -88,15 +90,19 @@ def convert(ctx: click.Context, source: str, destination: str | None, **kw: Any)
           docker://registry.example/confidential/app:1.4 \\
           --policy-out out/ --enclave-key enclave.pem --sign-key cosign.key
     """
+    from sconify.build.cache import LayerCache
     from sconify.convert import convert as run_convert
     from sconify.convert import prepare
     from sconify.errors import UsageError
 
     options = _options(kw)
     src = parse_reference(source)
-    src_t = make_transport_options(kw["src_creds"], kw["src_authfile"], kw["src_tls_verify"], kw["src_daemon_host"])
-    dst_t = make_transport_options(kw["dest_creds"], kw["dest_authfile"], kw["dest_tls_verify"],
-                                   kw["dest_daemon_host"])
+    src_t = make_transport_options(
+        kw["src_creds"], kw["src_authfile"], kw["src_tls_verify"], kw["src_daemon_host"], kw["src_cert_dir"]
+    )
+    dst_t = make_transport_options(
+        kw["dest_creds"], kw["dest_authfile"], kw["dest_tls_verify"], kw["dest_daemon_host"], kw["dest_cert_dir"]
+    )
     progress = progress_for(ctx)
     if kw["dry_run"]:
         prepared = prepare(src, options, platform=parse_platform(kw["platform"]), transport=src_t,
@@ -124,6 +130,7 @@ def convert(ctx: click.Context, source: str, destination: str | None, **kw: Any)
         dest_transport=dst_t,
         rules_dirs=kw["rules_dirs"],
         progress=progress,
+        cache=LayerCache(kw["cache_dir"]) if kw["cache_dir"] else None,
     )
     if kw["as_json"]:
         emit_json(result.to_json())

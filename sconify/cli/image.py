@@ -33,10 +33,12 @@ def copy(
     src_authfile: str | None,
     src_tls_verify: bool | None,
     src_daemon_host: str | None,
+    src_cert_dir: str | None,
     dest_creds: str | None,
     dest_authfile: str | None,
     dest_tls_verify: bool | None,
     dest_daemon_host: str | None,
+    dest_cert_dir: str | None,
     as_json: bool,
 ) -> None:
     """Copy an image from SRC to DST (any transport to any transport), keeping digests where the format allows.
@@ -48,10 +50,10 @@ def copy(
     image = open_image(
         src_ref,
         parse_platform(platform),
-        make_transport_options(src_creds, src_authfile, src_tls_verify, src_daemon_host),
+        make_transport_options(src_creds, src_authfile, src_tls_verify, src_daemon_host, src_cert_dir),
     )
     dest = open_destination(
-        dst_ref, make_transport_options(dest_creds, dest_authfile, dest_tls_verify, dest_daemon_host)
+        dst_ref, make_transport_options(dest_creds, dest_authfile, dest_tls_verify, dest_daemon_host, dest_cert_dir)
     )
     result = write_image(image, dest, progress_for(ctx))
     if as_json:
@@ -113,12 +115,13 @@ def inspect(
     authfile: str | None,
     tls_verify: bool | None,
     daemon_host: str | None,
+    cert_dir: str | None,
 ) -> None:
     """Show an image: its digest, platform, command, environment and layers."""
     image = open_image(
         parse_reference(reference),
         parse_platform(platform),
-        make_transport_options(creds, authfile, tls_verify, daemon_host),
+        make_transport_options(creds, authfile, tls_verify, daemon_host, cert_dir),
     )
     if raw:
         data = image.config_bytes if show_config else image.manifest_bytes

@@ -47,6 +47,13 @@ def transport_options(prefix: str = "") -> Callable[[Callable[..., Any]], Callab
             help="Require HTTPS with a verified certificate (default: yes, except registries on loopback).",
         )(f)
         f = click.option(
+            f"--{prefix}cert-dir",
+            f"{name}cert_dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Directory with *.crt CA certificates and *.cert/*.key client certificates, as skopeo's.",
+        )(f)
+        f = click.option(
             f"--{prefix}daemon-host",
             f"{name}daemon_host",
             metavar="URL",
@@ -59,9 +66,15 @@ def transport_options(prefix: str = "") -> Callable[[Callable[..., Any]], Callab
 
 
 def make_transport_options(
-    creds: str | None, authfile: str | None, tls_verify: bool | None, daemon_host: str | None = None
+    creds: str | None,
+    authfile: str | None,
+    tls_verify: bool | None,
+    daemon_host: str | None = None,
+    cert_dir: str | None = None,
 ) -> TransportOptions:
-    return TransportOptions(creds=creds, authfile=authfile, tls_verify=tls_verify, daemon_host=daemon_host)
+    return TransportOptions(
+        creds=creds, authfile=authfile, tls_verify=tls_verify, daemon_host=daemon_host, cert_dir=cert_dir
+    )
 
 
 def parse_platform(text: str | None) -> Platform | None:
