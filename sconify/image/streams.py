@@ -6,6 +6,7 @@ the bytes, never trusted from a media type; memory stays bounded whatever the bl
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import logging
@@ -229,8 +230,9 @@ class DecompressingReader(io.RawIOBase):
         super().__init__()
         self._raw = raw
         self._what = what
-        self._buffer = bytearray()
-        self._pending: list[bytes] = []
+        self._piece = b""
+        self._offset = 0
+        self._pending: collections.deque[bytes] = collections.deque()
         head = raw.read(CHUNK)
         self.compression = detect_compression(head)
         self._dec = push_decompressor(self.compression, self._pending.append, what)
@@ -257,25 +259,35 @@ class DecompressingReader(io.RawIOBase):
                     "the image is corrupt or was tampered with."
                 )
 
+    def _next_piece(self) -> bool:
+        """Make ``self._piece`` hold undelivered bytes; False at the end of the stream."""
+        while not self._pending:
+            if self._eof:
+                return False
+            data = self._raw.read(CHUNK)
+            if not data:
+                self._end()
+                return bool(self._pending)
+            self._dec.feed(data)
+        self._piece = self._pending.popleft()
+        self._offset = 0
+        return True
+
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             parts = []
             while chunk := self.read(CHUNK):
                 parts.append(chunk)
             return b"".join(parts)
-        while not self._buffer and not self._eof:
-            if self._pending:
-                self._buffer.extend(self._pending.pop(0))
-                break
-            data = self._raw.read(CHUNK)
-            if not data:
-                self._end()
-                break
-            self._dec.feed(data)
-        if not self._buffer and self._pending:
-            self._buffer.extend(self._pending.pop(0))
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        if self._offset >= len(self._piece) and not self._next_piece():
+            return b""
+        # Whole pieces are handed on without a copy; only a partial read slices.
+        if self._offset == 0 and len(self._piece) <= n:
+            out = self._piece
+            self._offset = len(out)
+        else:
+            out = self._piece[self._offset : self._offset + n]
+            self._offset += len(out)
         if self._hash is not None:
             self._hash.update(out)
         self._count += len(out)
@@ -327,7 +339,9 @@ def open_verified_tar(source: BlobSource, desc: Descriptor, diff_id: str) -> Dec
     """Open a layer's uncompressed tar, verified against blob digest, size and DiffID as it streams."""
     what = f"layer {desc.digest} from {source.name}"
     blob = VerifyingReader(source.open_blob(desc), desc.digest, desc.size, what)
-    return DecompressingReader(blob, what, verify=(diff_id, what))  # type: ignore[arg-type]
+    # An uncompressed layer's DiffID is its digest: the bytes are already hashed once by the blob reader.
+    verify = None if desc.digest == diff_id else (diff_id, what)
+    return DecompressingReader(blob, what, verify=verify)  # type: ignore[arg-type]
 
 
 class HashingWriter:

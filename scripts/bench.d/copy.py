@@ -25,52 +25,19 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
 
 from infra.registry import Registry, start_registry  # noqa: E402
 
 MiB = 1 << 20
 
 
-@dataclass(frozen=True)
-class Run:
-    """One timed child process: wall seconds, CPU seconds (user + system), peak RSS in MiB."""
-
-    seconds: float
-    cpu: float
-    peak_mib: float
-
-
-# A small launcher times and measures each copy: Linux keeps a process's peak RSS across fork and exec, so a
-# child forked straight from this (big) process would report at least this process's RSS as its own.
-_LAUNCHER = """
-import json, os, sys, time
-start = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    os.execvp(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(json.dumps({"seconds": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
-                  "peak_kib": usage.ru_maxrss, "code": os.waitstatus_to_exitcode(status)}))
-"""
-
-
-def timed(cmd: list[str]) -> Run:
-    """Run ``cmd`` to the end through the launcher: its wall time, CPU time and own peak RSS."""
-    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
-    try:
-        got = json.loads(proc.stdout)
-    except ValueError:
-        got = {"code": proc.returncode}
-    if proc.returncode != 0 or got["code"] != 0:
-        raise SystemExit(f"benchmark command failed ({got['code']}): {' '.join(cmd)}\n{proc.stderr}")
-    return Run(got["seconds"], got["cpu"], got["peak_kib"] / 1024)
+from benchlib import Run, timed  # noqa: E402
 
 
 def build_image(out: Path, size: str, layers: int) -> str:

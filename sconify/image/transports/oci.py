@@ -108,8 +108,9 @@ def open_oci_layout(
 class _FileBlobWriter:
     """A blob streamed into a temporary file and moved into ``blobs/`` under its digest on commit."""
 
-    def __init__(self, layout: OciLayoutDestination, media_type: str) -> None:
+    def __init__(self, layout: OciLayoutDestination, media_type: str, known: Descriptor | None = None) -> None:
         self._layout = layout
+        self._known = known  # a blob whose reader verifies it: no second hash here
         self._media_type = media_type
         fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=layout.staging / "blobs" / "sha256")
         self._tmp = Path(tmp)
@@ -118,14 +119,23 @@ class _FileBlobWriter:
         self._size = 0
 
     def write(self, data: bytes) -> int:
-        self._hash.update(data)
+        if self._known is None:
+            self._hash.update(data)
         self._size += len(data)
         self._file.write(data)
         return len(data)
 
     def commit(self) -> Descriptor:
         self._file.close()
-        desc = Descriptor(self._media_type, "sha256:" + self._hash.hexdigest(), self._size)
+        if self._known is not None:
+            if self._size != self._known.size:
+                self.abort()
+                raise IntegrityError(
+                    f"blob {self._known.digest} arrived with {self._size} bytes, not {self._known.size}."
+                )
+            desc = self._known
+        else:
+            desc = Descriptor(self._media_type, "sha256:" + self._hash.hexdigest(), self._size)
         self._layout._adopt(self._tmp, desc)
         return desc
 
@@ -180,7 +190,8 @@ class OciLayoutDestination:
         return path.is_file() and path.stat().st_size == desc.size
 
     def put_blob(self, desc: Descriptor, stream: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
-        writer = _FileBlobWriter(self, desc.media_type)
+        # The stream comes from a verifying reader (promise 3), which raises before the end on any mismatch.
+        writer = _FileBlobWriter(self, desc.media_type, desc)
         try:
             while chunk := stream.read(CHUNK):
                 writer.write(chunk)

@@ -1,0 +1,182 @@
+"""Benchmark of ``sconify convert`` on a generated image of >= 1.5 GiB, against two peers run in the same
+invocation: (a) ``skopeo copy docker-archive:... oci:...`` of the same image (compresses every layer once),
+and (b) the bare work floor: the same bytes read, hashed, encrypted (AES-256-GCM, 64 KiB chunks) and
+compressed once (ISA-L gzip level 1) in one process with two threads.
+
+Then the incremental case: the image plus a small top layer, converted cold; the same image with a different
+top layer, converted again with the warm per-layer cache.
+
+Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--keep]``; prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "lib"))
+
+from benchlib import Run, timed  # noqa: E402
+
+MiB = 1 << 20
+SCONIFY = [sys.executable, "-m", "sconify", "-q"]
+
+
+def blob_bytes(layout: Path) -> int:
+    return sum(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
+
+
+def with_top_layer(src: str, dst: Path, text: str) -> str:
+    """``src`` plus one small layer holding /app/top.txt, written as an OCI layout at ``dst``."""
+    from sconify.image.copy import manifest_bytes
+    from sconify.image.model import Descriptor, sha256_digest
+    from sconify.image.reference import parse_reference
+    from sconify.image.streams import GzipWriter
+    from sconify.image.tarfs import Entry, LayerWriter
+    from sconify.image.transports import open_destination, open_image
+
+    image = open_image(parse_reference(src))
+    dest = open_destination(parse_reference(f"oci:{dst}:v1"))
+    for layer in image.layers:
+        with layer.open_blob() as blob:
+            dest.put_blob(layer.descriptor, blob)
+    writer = dest.new_blob("application/vnd.oci.image.layer.v1.tar+gzip")
+    gz = GzipWriter(writer)
+    tar = LayerWriter(gz)
+    data = (text * 1000).encode()
+    tar.add(Entry.file("app/top.txt", len(data), mtime=1700000000), data)
+    tar.close()
+    gz.close()
+    top = writer.commit()
+    config = dict(image.config)
+    config["rootfs"] = {"type": "layers", "diff_ids": [*config["rootfs"]["diff_ids"], gz.diff_id]}
+    config["history"] = [*config.get("history", []), {"created_by": "bench: top layer"}]
+    config_bytes = json.dumps(config).encode()
+    config_desc = Descriptor("application/vnd.oci.image.config.v1+json", sha256_digest(config_bytes),
+                             len(config_bytes))
+    dest.put_blob(config_desc, io.BytesIO(config_bytes))
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config_desc.to_json(),
+                "layers": [la.descriptor.to_json() for la in image.layers] + [top.to_json()]}
+    dest.put_manifest(manifest_bytes(manifest), manifest["mediaType"])
+    dest.commit()
+    return f"oci:{dst}:v1"
+
+
+def floor(archive: str) -> tuple[float, int]:
+    """The bare work: every layer's bytes read, SHA-256 hashed, AES-GCM encrypted, ISA-L compressed once."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from isal import isal_zlib
+
+    from sconify.image.reference import parse_reference
+    from sconify.image.streams import DecompressingReader
+    from sconify.image.transports import open_image
+
+    image = open_image(parse_reference(archive))
+    aead = AESGCM(b"k" * 32)
+    chunk = 64 * 1024
+
+    def one(layer) -> int:  # noqa: ANN001
+        h = hashlib.sha256()
+        c = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+        out = 0
+        with layer.source.open_blob(layer.descriptor) as raw:
+            stream = DecompressingReader(raw, "floor")
+            index = 0
+            while data := stream.read(MiB):
+                h.update(data)
+                view = memoryview(data)
+                for at in range(0, len(data), chunk):
+                    sealed = aead.encrypt(index.to_bytes(12, "little"), view[at : at + chunk], None)
+                    index += 1
+                    out += len(c.compress(sealed))
+        return out + len(c.flush())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        total = sum(pool.map(one, image.layers))
+    return time.perf_counter() - start, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1.5GiB")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sconify-bench-convert-", dir=os.environ.get("BENCH_DIR")))
+    env_runtime = os.environ.get("SCONIFY_RUNTIME")
+    builtin = ROOT / "sconify" / "data" / "runtime" / "sconify-run"
+    if not env_runtime and not builtin.exists():
+        os.environ["SCONIFY_RUNTIME"] = "/usr/bin/busybox"
+    try:
+        from fixtures.builder import build_image
+
+        print(f"building a {args.size} image with {args.layers} layers ...", file=sys.stderr)
+        build_image("big", work / "big", "v1", size=args.size, layers=args.layers)
+        source = with_top_layer(f"oci:{work}/big:v1", work / "a", "top layer A\n")
+        changed = with_top_layer(f"oci:{work}/big:v1", work / "b", "top layer B, changed\n")
+        archive = f"docker-archive:{work}/a.tar:bench/big:v1"
+        subprocess.run([*SCONIFY, "copy", source, archive], check=True)
+        (work / "fspf.key").write_text("5a" * 32)
+        subprocess.run([*SCONIFY, "keys", "generate", "--enclave", str(work / "enc.pem")], check=True,
+                       capture_output=True)
+        keys = ["--fspf-key", str(work / "fspf.key"), "--enclave-key", str(work / "enc.pem")]
+        input_bytes = (work / "a.tar").stat().st_size
+
+        print("skopeo copy docker-archive -> oci ...", file=sys.stderr)
+        skopeo = timed(["skopeo", "copy", "-q", archive, f"oci:{work}/skopeo:v1"])
+        print("sconify convert docker-archive -> oci ...", file=sys.stderr)
+        conv = timed([*SCONIFY, "convert", archive, f"oci:{work}/conv:v1", "--policy-out", str(work / "p1"), *keys])
+        output_bytes = blob_bytes(work / "conv")
+        print("work floor ...", file=sys.stderr)
+        floor_s, _ = floor(archive)
+
+        print("incremental: cold, then top layer changed with a warm cache ...", file=sys.stderr)
+        cache = ["--cache", str(work / "cache")]
+        cold = timed([*SCONIFY, "convert", source, f"oci:{work}/inc1:v1", "--policy-out", str(work / "p2"),
+                      *keys, *cache])
+        warm = timed([*SCONIFY, "convert", changed, f"oci:{work}/inc2:v1", "--policy-out", str(work / "p3"),
+                      *keys, *cache])
+        runtime = Path(os.environ.get("SCONIFY_RUNTIME") or builtin).stat().st_size
+
+        def row(name: str, run: Run) -> str:
+            busy = run.cpu / run.seconds
+            return f"| {name} | {run.seconds:.2f} s | {run.cpu:.2f} s | {busy:.2f} | {run.peak_mib:.0f} MiB |"
+
+        print(f"\nImage: {args.size} of data in {args.layers} layers + 1 small top layer; "
+              f"docker-archive input {input_bytes / MiB:.0f} MiB.\n")
+        print("| run | wall | CPU | cores busy | peak RSS |")
+        print("|---|---|---|---|---|")
+        print(row("sconify convert docker-archive -> oci", conv))
+        print(row("(a) skopeo copy docker-archive -> oci", skopeo))
+        print(f"| (b) work floor: read+sha256+AES-GCM+ISA-L, 2 threads | {floor_s:.2f} s | | | |")
+        print(row("sconify convert oci -> oci, cold cache", cold))
+        print(row("same image, top layer changed, warm cache", warm))
+        print()
+        print(f"- sconify / skopeo: {conv.seconds / skopeo.seconds:.2f} (goal <= 1.0)")
+        print(f"- sconify / floor: {conv.seconds / floor_s:.2f} (goal <= 1.3)")
+        print(f"- output / (input + runtime): {output_bytes / (input_bytes + runtime):.3f} (goal <= 1.05)")
+        print(f"- warm top-layer change / cold: {warm.seconds / cold.seconds:.2f} (goal <= 0.15)")
+        print(f"- peak RSS: {conv.peak_mib:.0f} MiB (goal < 150 MiB)")
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
