@@ -302,8 +302,8 @@ def _load_yaml_list(path: Path | None, key: str) -> list[dict[str, Any]]:
     return data
 
 
-def _write_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -> None:
-    """Write the policy directory complete or not at all: staged beside, then swapped into place."""
+def _stage_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -> Path:
+    """Write the policy directory's files into a private staging directory beside ``target``."""
     parent = target.absolute().parent
     if not parent.is_dir():
         raise UsageError(f"the directory {str(parent)!r} for --policy-out does not exist; create it first.")
@@ -313,6 +313,16 @@ def _write_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -
         for name, data in files.items():
             write_secret(staging / name, data, what=name)
         write_chart(chart, staging / "chart")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _install_policy_dir(staging: Path, target: Path) -> None:
+    """Swap a staged policy directory into place, so that it is complete or absent."""
+    parent = target.absolute().parent
+    try:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
             os.replace(target, old / "x")
@@ -498,9 +508,16 @@ def convert(
             cas=plan.cas,
             las=None,
         )
-        dest.put_manifest(data, manifest["mediaType"])
-        _write_policy_dir(policy_out, files, chart)
-        where = dest.commit()
+        # The policy is staged first and moved into place only once the image is committed: a destination
+        # that refuses the manifest leaves neither behind.
+        staging = _stage_policy_dir(policy_out, files, chart)
+        try:
+            dest.put_manifest(data, manifest["mediaType"])
+            where = dest.commit()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _install_policy_dir(staging, policy_out)
     except BaseException:
         dest.abort()
         raise

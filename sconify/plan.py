@@ -289,6 +289,11 @@ def make_plan(
     """
     error = analysis.error()
     if error is not None and options.command is None:
+        if not analysis.argv:  # convert has a way out the analysis does not know of
+            raise ConversionError(
+                f"{analysis.source} has neither an Entrypoint nor a Cmd, so there is no program to run in an enclave; "
+                "give one with --command, or rebuild the image with an ENTRYPOINT or CMD."
+            )
         raise error
     if analysis.platform.split("/")[1:2] != ["amd64"]:
         raise error or ConversionError(f"{analysis.source} is for {analysis.platform}; SGX needs linux/amd64.")

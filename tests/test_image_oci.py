@@ -33,8 +33,7 @@ def umoci_layout(tmp_path_factory) -> Path:
         root = base / f"rootfs{i}"
         (root / "data").mkdir(parents=True)
         (root / "data" / f"file{i}.txt").write_text(f"layer {i} content\n" * 100)
-        subprocess.run(["umoci", "insert", "--image", f"{layout}:t1", str(root), "/"], check=True,
-                       capture_output=True)
+        subprocess.run(["umoci", "insert", "--image", f"{layout}:t1", str(root), "/"], check=True, capture_output=True)
     subprocess.run(["umoci", "config", "--image", f"{layout}:t1", "--config.cmd", "/bin/true"], check=True)
     return layout
 
@@ -54,11 +53,17 @@ def test_oci_to_oci_keeps_every_digest(umoci_layout, tmp_path):
 
 def test_umoci_and_skopeo_accept_our_layout(umoci_layout, tmp_path):
     copy(f"oci:{umoci_layout}:t1", f"oci:{tmp_path}/out:v1")
-    subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{tmp_path}/out:v1", str(tmp_path / "b")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{tmp_path}/out:v1", str(tmp_path / "b")],
+        check=True,
+        capture_output=True,
+    )
     assert (tmp_path / "b/rootfs/data/file1.txt").read_text().startswith("layer 1 content")
-    info = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{tmp_path}/out:v1"], check=True,
-                                     capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", f"oci:{tmp_path}/out:v1"], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert len(info["Layers"]) == 2
 
 

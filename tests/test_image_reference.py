@@ -14,21 +14,50 @@ from sconify.image.reference import parse_reference
         ("docker://busybox", "docker", "docker.io", "library/busybox", "latest", None, None),
         ("127.0.0.1:5000/vendor/app:1.4", "docker", "127.0.0.1:5000", "vendor/app", "1.4", None, None),
         ("localhost/app", "docker", "localhost", "app", "latest", None, None),
-        ("docker://quay.io/org/app@sha256:" + "a" * 64, "docker", "quay.io", "org/app", None, "sha256:" + "a" * 64, None),
-        ("registry.example/app:v1@sha256:" + "b" * 64, "docker", "registry.example", "app", "v1", "sha256:" + "b" * 64, None),
+        (
+            "docker://quay.io/org/app@sha256:" + "a" * 64,
+            "docker",
+            "quay.io",
+            "org/app",
+            None,
+            "sha256:" + "a" * 64,
+            None,
+        ),
+        (
+            "registry.example/app:v1@sha256:" + "b" * 64,
+            "docker",
+            "registry.example",
+            "app",
+            "v1",
+            "sha256:" + "b" * 64,
+            None,
+        ),
         ("oci:/tmp/layout", "oci", None, None, None, None, "/tmp/layout"),
         ("oci:/tmp/layout:v2", "oci", None, None, "v2", None, "/tmp/layout"),
         ("oci:rel/dir:latest", "oci", None, None, "latest", None, "rel/dir"),
         ("oci-archive:/tmp/a.tar:x", "oci-archive", None, None, "x", None, "/tmp/a.tar"),
         ("docker-archive:/tmp/a.tar", "docker-archive", None, None, None, None, "/tmp/a.tar"),
-        ("docker-archive:/tmp/a.tar:vendor/app:2", "docker-archive", "docker.io", "vendor/app", "2", None, "/tmp/a.tar"),
+        (
+            "docker-archive:/tmp/a.tar:vendor/app:2",
+            "docker-archive",
+            "docker.io",
+            "vendor/app",
+            "2",
+            None,
+            "/tmp/a.tar",
+        ),
         ("docker-daemon:app:1", "docker-daemon", "docker.io", "library/app", "1", None, None),
     ],
 )
 def test_parse_reference_accepts_skopeo_forms(text, transport, registry, repository, tag, digest, path):
     ref = parse_reference(text)
     assert (ref.transport, ref.registry, ref.repository, ref.tag, ref.digest, ref.path) == (
-        transport, registry, repository, tag, digest, path,
+        transport,
+        registry,
+        repository,
+        tag,
+        digest,
+        path,
     )
 
 

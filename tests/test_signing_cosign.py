@@ -13,9 +13,9 @@ from sconify.errors import DestinationError, KeyMaterialError, VerificationFaile
 from sconify.image.reference import parse_reference
 from sconify.image.transports import open_destination, open_image
 from sconify.signing.cosign import (
+    sign,
     signature_manifest,
     signature_tag,
-    sign,
     simple_signing_payload,
     verify_signature_image,
     write_signature,
@@ -49,8 +49,11 @@ def test_wrong_kind_of_key_is_refused_with_the_way_out(tmp_path):
 
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "rsa.key"
-    path.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    path.write_bytes(
+        rsa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(KeyMaterialError, match="sconify keys generate --cosign"):
         load_signing_key(path)
 
@@ -74,8 +77,9 @@ def test_signature_round_trip_in_an_oci_layout_verified_independently(tmp_path):
     assert json.loads(body)["critical"]["image"]["docker-manifest-digest"] == DIGEST
     assert json.loads(body)["critical"]["type"] == "cosign container image signature"
     public = serialization.load_pem_public_key(pair.public_path.read_bytes())
-    public.verify(base64.b64decode(layer["annotations"]["dev.cosignproject.cosign/signature"]), body,
-                  ec.ECDSA(hashes.SHA256()))
+    public.verify(
+        base64.b64decode(layer["annotations"]["dev.cosignproject.cosign/signature"]), body, ec.ECDSA(hashes.SHA256())
+    )
 
     # And through sconify's own verifier.
     image = open_image(parse_reference(f"oci:{layout}:{signature_tag(DIGEST)}"))
@@ -89,7 +93,9 @@ def test_verification_refuses_other_key_and_other_digest(tmp_path):
     key = load_signing_key(pair.private_path)
     payload = simple_signing_payload("x/y", DIGEST)
     layout = tmp_path / "layout"
-    write_signature(open_destination(parse_reference(f"oci:{layout}:t")), signature_manifest(payload, sign(key, payload)))
+    write_signature(
+        open_destination(parse_reference(f"oci:{layout}:t")), signature_manifest(payload, sign(key, payload))
+    )
     image = open_image(parse_reference(f"oci:{layout}:t"))
     with pytest.raises(VerificationFailed, match="does not verify"):
         verify_signature_image(image, load_verify_key(other.public_path), DIGEST)
@@ -101,4 +107,6 @@ def test_signatures_are_reproducible(tmp_path: Path):
     pair = generate_cosign_keys(tmp_path / "k")
     key = load_signing_key(pair.private_path)
     payload = simple_signing_payload("x/y", DIGEST)
-    assert signature_manifest(payload, sign(key, payload)).digest == signature_manifest(payload, sign(key, payload)).digest
+    assert (
+        signature_manifest(payload, sign(key, payload)).digest == signature_manifest(payload, sign(key, payload)).digest
+    )

@@ -165,3 +165,53 @@ def _render_plan(plan: Any) -> None:
     emit_table(["layer", "action", "why"], [(la["index"], la["action"], la["reason"]) for la in data["layers"]])
     for warning in data["warnings"]:
         click.echo(f"warning: {warning}", err=True)
+
+
+@click.command()
+@click.argument("reference", metavar="REF")
+@click.option("--policy", "policy", type=_FILE, required=True,
+              help="The session.yml that convert wrote for this image.")
+@click.option("--key", "key_file", type=_FILE,
+              help="Public key (PEM) to check the image's cosign signature with; without it that check is skipped.")
+@click.option("--service", help="Service of the policy to check against (default: the one the image's "
+              "SCONE_CONFIG_ID names, or the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result of every check as JSON.")
+@platform_option
+@transport_options()
+@click.pass_context
+def verify(ctx: click.Context, reference: str, **kw: Any) -> None:
+    """Check the confidential image REF against its policy.
+
+    \b
+    Checks, each reported on one line:
+      signature  the cosign signature of the image's manifest, with --key
+      mrenclave  MRENCLAVE recomputed from the image's runtime, program and
+                 enclave settings is one the policy's service allows
+      fspf       the FSPF metadata opens with the policy's fspf_key and has
+                 its fspf_tag, and every protected file verifies
+    Exit code 13 when a check fails, 0 when all hold.
+
+    \b
+    Example:
+      sconify verify docker://registry.example/confidential/app:1.4 \\
+          --policy out/session.yml --key cosign.pub
+    """
+    from sconify.verify import iter_lines, verify_image
+
+    result = verify_image(
+        parse_reference(reference),
+        kw["policy"],
+        key_file=kw["key_file"],
+        service=kw["service"],
+        platform=parse_platform(kw["platform"]),
+        transport=make_transport_options(kw["creds"], kw["authfile"], kw["tls_verify"], kw["daemon_host"],
+                                         kw["cert_dir"]),
+        progress=progress_for(ctx),
+    )
+    if kw["as_json"]:
+        emit_json(result.to_json())
+    else:
+        for line in iter_lines(result):
+            click.echo(line)
+    if not result.ok:
+        raise result.error()
