@@ -124,11 +124,31 @@ def prepare(
 ) -> Prepared:
     """Open, analyze, scan and plan; no output is written."""
     image = open_image(source, platform, transport)
-    analyzed = analyze_image(image, load_rules(rules_dirs), source=str(source), progress=progress, cache=header_cache)
+    analyzed = analyze_image(
+        with_command(image, options.command), load_rules(rules_dirs), source=str(source), progress=progress,
+        cache=header_cache,
+    )
     analysis = analyzed.analysis
     scan = scan_from(image, analyzed.tree, [h.entries for h in analyzed.headers])
     plan = make_plan(analysis, scan.layers, replace_created(options, _created(image, options)), scan.visible_paths())
     return Prepared(image, analysis, scan, plan)
+
+
+def with_command(image: Image, command: Sequence[str] | None) -> Image:
+    """The image as the analysis should see it when ``--command`` replaces its Entrypoint and Cmd.
+
+    Only the config the analysis reads changes; layers, digests and the image that is converted stay the same.
+    """
+    if command is None:
+        return image
+    from dataclasses import replace
+
+    config = copy.deepcopy(image.config)
+    inner = dict(config.get("config") or {})
+    inner["Entrypoint"] = list(command)
+    inner.pop("Cmd", None)
+    config["config"] = inner
+    return replace(image, config_bytes=json.dumps(config).encode())
 
 
 def replace_created(options: ConvertOptions, created: str) -> ConvertOptions:

@@ -288,7 +288,7 @@ def make_plan(
     user asked to protect exists.
     """
     error = analysis.error()
-    if error is not None and options.command is None:
+    if error is not None:
         if not analysis.argv:  # convert has a way out the analysis does not know of
             raise ConversionError(
                 f"{analysis.source} has neither an Entrypoint nor a Cmd, so there is no program to run in an enclave; "
@@ -319,7 +319,7 @@ def make_plan(
     from sconify.analyze.analysis import _secret_names  # one definition of "looks like a secret"
 
     moved = tuple(_secret_names(environment))
-    argv = tuple(options.command) if options.command is not None else tuple(analysis.argv)
+    argv = tuple(analysis.argv)  # with --command, the analysis was made for that command
     if not argv:
         raise ConversionError(f"{analysis.source} has no command and none was given; pass --command.")
     user = analysis.user

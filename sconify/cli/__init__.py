@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
 }
 
 EXIT_INTERNAL = 70
+EXIT_OS = 74  # an operating-system error on a file or directory (sysexits' EX_IOERR)
 EXIT_INTERRUPTED = 130
 
 
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as exc:  # the machine said no (disk full, permission, missing directory): name it
+        where = f" {exc.filename!r}" if exc.filename else ""
+        click.echo(f"sconify: error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions.",
+                   err=True)
+        sys.exit(EXIT_OS)
     except Exception as exc:  # a bug in sconify: say so plainly, keep the traceback for -v
         if verbose:
             logging.getLogger("sconify").exception("internal error")
