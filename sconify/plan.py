@@ -316,6 +316,8 @@ def make_plan(
     for name, value, _rule in analysis.environment:
         environment.setdefault(name, value)
     environment.update(options.env)
+    # Docker sets HOME from the user's passwd entry when the image does not; the policy does it explicitly.
+    environment.setdefault("HOME", analysis.user.home or "/")
     from sconify.analyze.analysis import _secret_names  # one definition of "looks like a secret"
 
     moved = tuple(_secret_names(environment))

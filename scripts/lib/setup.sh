@@ -29,11 +29,14 @@ ensure_venv() {
     if [ ! -x "$PY" ]; then python3 -m venv "$VENV"; fi
     local stamp="$VENV/.sconify-installed$extras"
     if [ ! -f "$stamp" ] || [ "$SCONIFY_ROOT/setup.cfg" -nt "$stamp" ]; then
-        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-        if [ -n "$extras" ]; then
-            "$PY" -m pip install -q --disable-pip-version-check -e "$SCONIFY_ROOT[$extras]" >&2
-        else
-            "$PY" -m pip install -q --disable-pip-version-check -e "$SCONIFY_ROOT" >&2
+        echo "sconify: installing sconify and its Python packages into $VENV" >&2
+        local log="$VENV/pip-install.log" target="$SCONIFY_ROOT"
+        [ -n "$extras" ] && target="$SCONIFY_ROOT[$extras]"
+        if ! { "$PY" -m pip install -q --disable-pip-version-check --upgrade pip &&
+               "$PY" -m pip install -q --disable-pip-version-check -e "$target"; } >"$log" 2>&1; then
+            tail -n 30 "$log" >&2
+            echo "sconify: pip install failed; the whole log is in $log" >&2
+            return 1
         fi
         touch "$stamp"
     fi
