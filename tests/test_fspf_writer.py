@@ -201,6 +201,14 @@ def test_not_protected_entries_pass_through_untouched() -> None:
     assert [e.path for e, _ in result.entries()] == [".sconify", ".sconify/fspf", ".sconify/fspf/volume.fspf"]
 
 
+def test_whiteouts_and_opaque_markers_pass_through_unprotected() -> None:
+    writer = VolumeWriter(REGIONS)
+    for entry in (Entry.whiteout("app/old.py"), Entry.opaque("app/cache")):
+        out = writer.protect(entry, None)
+        assert out.entry is entry and out.content is None and out.protection.label == "not-protected"
+    assert writer.finish().files == 0
+
+
 @pytest.mark.parametrize("size", [0, 1000, 3 * 1024 * 1024])
 def test_a_chunk_size_that_is_not_a_power_of_two_in_range_is_refused(size: int) -> None:
     with pytest.raises(UsageError, match="power of two"):
@@ -236,3 +244,19 @@ def test_memory_does_not_grow_with_the_file_size() -> None:
     assert total == size
     # one 1 MiB batch in and out, one read buffer, and 28 bytes per 64 KiB chunk of metadata (56 KiB)
     assert peak < 6 * 1024 * 1024, peak
+
+
+def test_a_layer_without_directory_entries_verifies_after_extraction(tmp_path: Path) -> None:
+    """Parents that a layer leaves implicit exist on disk without a record; they are not 'added'."""
+    key = VolumeKey.generate()
+    layer = _layer([(Entry.file("app/deep/er/main.py", 5, mtime=MTIME), b"hello")])
+    protected, result = _protect_layer(layer, VolumeWriter(REGIONS, key, chunk_size=CHUNK))
+    (tmp_path / "vol").mkdir()
+    extract(io.BytesIO(protected), tmp_path / "vol")
+    with DirectoryVolume(tmp_path / "vol", key, result.tag) as volume:
+        assert volume.verify().ok
+        (tmp_path / "vol/app/deep/added").mkdir()
+        assert [(p.path, p.kind.value) for p in volume.verify().problems] == [(b"/app/deep/added", "unexpected")]
+        (tmp_path / "vol/app/deep/added").rmdir()
+        volume.decrypt_to(tmp_path / "plain")
+    assert (tmp_path / "plain/app/deep/er/main.py").read_bytes() == b"hello"

@@ -32,7 +32,7 @@ from sconify.fspf.format import (
     normalize_path,
 )
 
-BATCH_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 """How much is read and opened at a time (rounded to whole chunks)."""
 
 PreadInto = Callable[[memoryview, int], int]

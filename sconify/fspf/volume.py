@@ -58,7 +58,7 @@ from sconify.fspf.reader import (
     open_volume,
     size_problem,
 )
-from sconify.fspf.writer import VolumeResult, VolumeWriter, layer_path
+from sconify.fspf.writer import VolumeResult, VolumeWriter, layer_path, mtime_ns
 from sconify.image.tarfs import Entry, EntryKind
 from sconify.progress import SILENT, Progress
 
@@ -66,11 +66,12 @@ log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 """Files are sealed and verified in independent segments of this many bytes (whole chunks)."""
-BATCH_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_PROBLEMS_SHOWN = 5
 
 
@@ -83,6 +84,10 @@ def _pread_into(fd: int) -> Callable[[memoryview, int], int]:
         return os.preadv(fd, [view], offset)
 
     return pread_into
+
+
+def _write_at(fd: int, offset: int, data: memoryview) -> None:
+    _pwrite_all(fd, data, offset)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -233,41 +238,64 @@ def _entry_for(path: bytes, st: os.stat_result, on_disk: bytes, link_to: bytes |
 
 
 class _Pool:
-    """Runs tasks inline (one worker) or on threads, keeping at most a few tasks per worker in flight."""
+    """Runs tasks inline (one worker) or on threads, keeping at most a few batches per worker in flight.
+
+    Small tasks are grouped into batches of at least ``SEGMENT_BYTES`` of work: a thread hand-off costs
+    tens of microseconds, more than verifying a small file.
+    """
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
             raise UsageError(f"The number of workers must be at least 1, not {workers}.")
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="fspf") if workers > 1 else None
-        self._limit = 3 * workers
+        self._limit = 2 * workers
         self._in_flight: set[Future[Any]] = set()
-        self._callbacks: dict[Future[Any], Callable[[Any], None]] = {}
+        self._callbacks: dict[Future[Any], list[Callable[[Any], None]]] = {}
+        self._batch: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+        self._batch_bytes = 0
 
-    def submit(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    def submit(self, fn: Callable[[], Any], done: Callable[[Any], None], size: int = SEGMENT_BYTES) -> None:
+        """Run ``fn`` (about ``size`` bytes of work) and later call ``done`` with its result, in this thread."""
         if self._executor is None:
             done(fn())
             return
-        future = self._executor.submit(fn)
-        self._in_flight.add(future)
-        self._callbacks[future] = done
-        while len(self._in_flight) >= self._limit:
-            self._collect(FIRST_COMPLETED)
+        self._batch.append((fn, done))
+        self._batch_bytes += max(size, 64 * 1024)
+        if self._batch_bytes >= SEGMENT_BYTES:
+            self._flush()
 
-    def _collect(self, how: str) -> None:
-        finished, self._in_flight = wait(self._in_flight, return_when=how)
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        assert self._executor is not None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        future = self._executor.submit(_run_batch, [fn for fn, _ in batch])
+        self._in_flight.add(future)
+        self._callbacks[future] = [done for _, done in batch]
+        while len(self._in_flight) >= self._limit:
+            self._collect()
+
+    def _collect(self) -> None:
+        finished, self._in_flight = wait(self._in_flight, return_when=FIRST_COMPLETED)
         for future in finished:
-            done = self._callbacks.pop(future)
-            done(future.result())
+            for done, result in zip(self._callbacks.pop(future), future.result(), strict=True):
+                done(result)
 
     def drain(self) -> None:
+        """Wait for everything submitted so far."""
+        self._flush()
         while self._in_flight:
-            self._collect(FIRST_COMPLETED)
+            self._collect()
 
     def close(self) -> None:
         if self._executor is not None:
             for future in self._in_flight:
                 future.cancel()
             self._executor.shutdown(wait=True)
+
+
+def _run_batch(tasks: list[Callable[[], Any]]) -> list[Any]:
+    return [task() for task in tasks]
 
 
 def _segments(size: int, chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -290,12 +318,12 @@ class _Buffers(threading.local):
 
 @dataclass
 class _SealJob:
-    """One protected file being sealed: its fds, its chunk entries, and how many segments are left."""
+    """One protected file being sealed: where it is read and written, its chunk entries, segments left."""
 
     path: bytes
     entry: Entry
-    source_fd: int
-    target_fd: int
+    source: bytes
+    target: bytes
     cipher: ChunkCipher
     chunks: bytearray
     left: int
@@ -303,6 +331,29 @@ class _SealJob:
 
 
 def _seal_segment(job: _SealJob, first: int, end: int, buffers: _Buffers) -> int:
+    """Seal chunks ``[first, end)`` of one file; descriptors are held only while this runs."""
+    try:
+        source_fd = os.open(job.source, _READ_FLAGS)
+    except OSError as exc:
+        raise ConversionError(
+            f"Cannot read {display_path(job.source)} ({exc.strerror}); make it readable or leave it out of the tree."
+        ) from None
+    try:
+        if os.fstat(source_fd).st_size != job.entry.size:
+            raise ConversionError(
+                f"{display_path(job.source)} changed size while it was protected; protect a tree that nothing "
+                "else is writing to."
+            )
+        target_fd = os.open(job.target, _WRITE_FLAGS)
+        try:
+            return _seal_range(job, source_fd, target_fd, first, end, buffers)
+        finally:
+            os.close(target_fd)
+    finally:
+        os.close(source_fd)
+
+
+def _seal_range(job: _SealJob, source_fd: int, target_fd: int, first: int, end: int, buffers: _Buffers) -> int:
     chunk_size = job.cipher.chunk_size
     batch = max(chunk_size, BATCH_BYTES // chunk_size * chunk_size)
     if buffers.size != batch:
@@ -320,20 +371,20 @@ def _seal_segment(job: _SealJob, first: int, end: int, buffers: _Buffers) -> int
         length = min(count * chunk_size, size - offset)
         got = 0
         while got < length:
-            n = os.preadv(job.source_fd, [data[got:length]], offset + got)
+            n = os.preadv(source_fd, [data[got:length]], offset + got)
             if not n:
                 raise ConversionError(
-                    f"{display_path(job.path)} became shorter while it was protected; protect a tree that "
+                    f"{display_path(job.source)} became shorter while it was protected; protect a tree that "
                     "nothing else is writing to."
                 )
             got += n
         entries = memoryview(job.chunks)[index * CHUNK_ENTRY_SIZE : (index + count) * CHUNK_ENTRY_SIZE]
         if job.cipher.encrypted:
             job.cipher.seal(index, data[:length], out, entries)
-            _pwrite_all(job.target_fd, out[:length], offset)
+            _pwrite_all(target_fd, out[:length], offset)
         else:
             job.cipher.seal(index, data[:length], None, entries)
-            _pwrite_all(job.target_fd, data[:length], offset)
+            _pwrite_all(target_fd, data[:length], offset)
         index += count
         done += length
     return done
@@ -443,10 +494,10 @@ def protect_directory(
     src_root = os.fsencode(src)
     staging = _Staging(out)
     pool = _Pool(workers)
-    buffers = _Buffers()
     try:
         with progress.task("protecting", total=None) as bar:  # type: ignore[attr-defined]
-            directories = _protect_tree(src_root, staging.root, writer, pool, buffers, bar.update)
+            sealer = _Sealer(writer, pool, bar.update)
+            directories = _protect_tree(src_root, staging.root, sealer)
             pool.drain()
         result = writer.finish()
         _write_metadata(staging.root, result)
@@ -464,17 +515,13 @@ def protect_directory(
 
 
 def _entry_ns(entry: Entry) -> int:
-    return int(entry.mtime * 1_000_000_000)
+    return mtime_ns(entry.mtime)
 
 
-def _protect_tree(
-    src_root: bytes,
-    dst_root: bytes,
-    writer: VolumeWriter,
-    pool: _Pool,
-    buffers: _Buffers,
-    advance: Callable[[int], None],
-) -> list[tuple[bytes, Entry]]:
+def _protect_tree(src_root: bytes, dst_root: bytes, sealer: _Sealer) -> list[tuple[bytes, Entry]]:
+    """Walk the source, create the output tree and start sealing; returns the directories, whose
+    attributes are set last (children first)."""
+    writer, pool = sealer.writer, sealer.pool
     inodes: dict[tuple[int, int], bytes] = {}
     directories: list[tuple[bytes, Entry]] = []
     links: list[tuple[bytes, Entry]] = []
@@ -499,9 +546,9 @@ def _protect_tree(
             links.append((path, entry))
         elif entry.kind is EntryKind.REGULAR:
             if mode.protected:
-                _start_seal(path, entry, on_disk, target, writer, pool, buffers, advance)
+                sealer.start(path, entry, on_disk, target)
             else:
-                pool.submit(partial(_copy_plain, on_disk, target, entry), advance)
+                pool.submit(partial(_copy_plain, on_disk, target, entry), sealer.advance, entry.size)
         else:
             _make_special(target, st.st_mode, entry.devmajor, entry.devminor)
             _set_xattrs(target, sorted(entry.xattrs.items()))
@@ -519,63 +566,53 @@ def _copy_plain(source: bytes, target: bytes, entry: Entry) -> int:
     return entry.size
 
 
-def _start_seal(
-    path: bytes,
-    entry: Entry,
-    on_disk: bytes,
-    target: bytes,
-    writer: VolumeWriter,
-    pool: _Pool,
-    buffers: _Buffers,
-    advance: Callable[[int], None],
-) -> None:
-    try:
-        source_fd = os.open(on_disk, _READ_FLAGS)
-    except OSError as exc:
-        raise ConversionError(
-            f"Cannot read {display_path(on_disk)} ({exc.strerror}); make it readable or leave it out of the tree."
-        ) from None
-    target_fd = os.open(target, _CREATE_FLAGS, 0o600)
-    size = entry.size
-    job = _SealJob(
-        path=path,
-        entry=entry,
-        source_fd=source_fd,
-        target_fd=target_fd,
-        cipher=writer.cipher_for(path, writer.regions.mode_for(path)),
-        chunks=bytearray(-(-size // writer.chunk_size) * CHUNK_ENTRY_SIZE),
-        left=0,
-    )
-    segments = list(_segments(size, writer.chunk_size))
-    job.left = len(segments)
+class _Sealer:
+    """Starts the sealing of protected files on the pool and completes each when its last segment is done."""
 
-    def finished(done: int) -> None:
-        job.sealed += done
-        job.left -= 1
-        advance(done)
-        if job.left == 0:
-            _finish_seal(job, writer, target)
+    def __init__(self, writer: VolumeWriter, pool: _Pool, advance: Callable[[int], None]) -> None:
+        self.writer = writer
+        self.pool = pool
+        self.advance = advance
+        self.buffers = _Buffers()
 
-    if not segments:
-        _finish_seal(job, writer, target)
-    for first, end in segments:
-        pool.submit(partial(_seal_segment, job, first, end, buffers), finished)
+    def start(self, path: bytes, entry: Entry, on_disk: bytes, target: bytes) -> None:
+        writer = self.writer
+        os.close(os.open(target, _CREATE_FLAGS, 0o600))  # segments write into it in any order
+        job = _SealJob(
+            path=path,
+            entry=entry,
+            source=on_disk,
+            target=target,
+            cipher=writer.cipher_for(path, writer.regions.mode_for(path)),
+            chunks=bytearray(-(-entry.size // writer.chunk_size) * CHUNK_ENTRY_SIZE),
+            left=0,
+        )
+        segments = list(_segments(entry.size, writer.chunk_size))
+        job.left = len(segments)
 
+        def finished(done: int) -> None:
+            job.sealed += done
+            job.left -= 1
+            self.advance(done)
+            if job.left == 0:
+                self._finish(job)
 
-def _finish_seal(job: _SealJob, writer: VolumeWriter, target: bytes) -> None:
-    try:
-        if os.fstat(job.source_fd).st_size != job.entry.size:
-            raise ConversionError(
-                f"{display_path(job.path)} changed size while it was protected; protect a tree that nothing "
-                "else is writing to."
-            )
-    finally:
-        os.close(job.source_fd)
-        os.close(job.target_fd)
-    writer.record_file(job.path, job.sealed, bytes(job.chunks))
-    entry = job.entry
-    _set_xattrs(target, sorted(entry.xattrs.items()))
-    _apply_attributes(target, entry.mode, entry.uid, entry.gid, _entry_ns(entry))
+        if not segments:
+            if os.stat(on_disk).st_size:
+                raise ConversionError(
+                    f"{display_path(on_disk)} changed size while it was protected; protect a tree that nothing "
+                    "else is writing to."
+                )
+            self._finish(job)
+        for first, end in segments:
+            task = partial(_seal_segment, job, first, end, self.buffers)
+            self.pool.submit(task, finished, (end - first) * writer.chunk_size)
+
+    def _finish(self, job: _SealJob) -> None:
+        self.writer.record_file(job.path, job.sealed, bytes(job.chunks))
+        entry = job.entry
+        _set_xattrs(job.target, sorted(entry.xattrs.items()))
+        _apply_attributes(job.target, entry.mode, entry.uid, entry.gid, _entry_ns(entry))
 
 
 def _write_metadata(root: bytes, result: VolumeResult) -> None:
@@ -618,14 +655,19 @@ class VerifyReport:
 
 @dataclass
 class _CheckJob:
-    """One file whose content is being checked (and, when decrypting, written)."""
+    """One file whose content is being checked (and, when decrypting, written to ``out_path``)."""
 
     record: Record
     content: Record
-    fd: int
-    out_fd: int | None
-    left: int
+    out_path: bytes | None
     problems: list[Problem] = field(default_factory=list)
+
+
+class _WorkerState(threading.local):
+    """Per thread: a reader with its buffers and a walker of the volume with its own descriptors."""
+
+    beneath: _Beneath | None = None
+    reader: ContentReader | None = None
 
 
 class DirectoryVolume:
@@ -706,20 +748,28 @@ class DirectoryVolume:
         finally:
             os.close(fd)
 
-    def _open_stored(self, record: Record, content: Record) -> tuple[Problem | None, int | None]:
-        """Open the stored file of a FILE or HARDLINK record after checking type and size."""
+    def _stored_problem(self, record: Record, content: Record) -> Problem | None:
+        """What is wrong with the type or size of the stored file of a FILE or HARDLINK record, if anything."""
         with self._lock:
             st = self._beneath.lstat(record.path)
-            if st is None:
-                return _missing(record.path), None
-            if not stat.S_ISREG(st.st_mode):
-                return _type_changed(record.path, st.st_mode, "a regular file"), None
-            if st.st_size != content.size:
-                return size_problem(record.path, st.st_size, content.size), None
-            try:
+        if st is None:
+            return _missing(record.path)
+        if not stat.S_ISREG(st.st_mode):
+            return _type_changed(record.path, st.st_mode, "a regular file")
+        if st.st_size != content.size:
+            return size_problem(record.path, st.st_size, content.size)
+        return None
+
+    def _open_stored(self, record: Record, content: Record) -> tuple[Problem | None, int | None]:
+        """Open the stored file of a FILE or HARDLINK record after checking its type and size."""
+        problem = self._stored_problem(record, content)
+        if problem is not None:
+            return problem, None
+        try:
+            with self._lock:
                 return None, self._beneath.open_file(record.path)
-            except OSError as exc:
-                return Problem(record.path, ProblemKind.UNREADABLE, f"cannot be read ({exc.strerror})"), None
+        except OSError as exc:
+            return Problem(record.path, ProblemKind.UNREADABLE, f"cannot be read ({exc.strerror})"), None
 
     # -- the whole tree ----------------------------------------------------------------------------------
 
@@ -750,14 +800,18 @@ class DirectoryVolume:
         volume = self.volume
         problems: list[Problem] = []
         pool = _Pool(workers)
-        readers = threading.local()
-        counted = {"files": 0, "total_bytes": 0}
+        state = _WorkerState()
+        walkers: list[_Beneath] = []
+        files = total = 0
         jobs: list[_CheckJob] = []
 
-        def reader() -> ContentReader:
-            if not hasattr(readers, "reader"):
-                readers.reader = ContentReader(volume)
-            return readers.reader
+        def worker_state() -> tuple[_Beneath, ContentReader]:
+            if state.beneath is None or state.reader is None:
+                state.reader = ContentReader(volume)
+                state.beneath = _Beneath(self._beneath.root)
+                with self._lock:
+                    walkers.append(state.beneath)
+            return state.beneath, state.reader
 
         try:
             what = "verifying" if output is None else "decrypting"
@@ -768,9 +822,9 @@ class DirectoryVolume:
                         if job is None:
                             continue
                         jobs.append(job)
-                        counted["files"] += 1
-                        counted["total_bytes"] += job.content.size
-                        self._submit_check(job, pool, reader, bar.update)
+                        files += 1
+                        total += job.content.size
+                        self._submit_check(job, pool, worker_state, bar.update)
                     else:
                         problem = self._check_other(record, output)
                         if problem is not None:
@@ -783,54 +837,74 @@ class DirectoryVolume:
                 self._finish_output(output)
         finally:
             pool.close()
-            for job in jobs:
-                _close_quietly(job.fd)
-                if job.out_fd is not None:
-                    _close_quietly(job.out_fd)
+            for walker in walkers:
+                walker.close()
         problems.sort(key=lambda p: (p.path, p.kind))
-        return VerifyReport(volume.tag, len(volume.records), counted["files"], counted["total_bytes"], tuple(problems))
+        return VerifyReport(volume.tag, len(volume.records), files, total, tuple(problems))
 
     def _start_check(self, record: Record, output: bytes | None, problems: list[Problem]) -> _CheckJob | None:
         content = self.volume.content_record(record)
-        problem, fd = self._open_stored(record, content)
+        problem = self._stored_problem(record, content)
         if problem is not None:
             problems.append(problem)
             return None
-        assert fd is not None
-        out_fd = None
+        out_path = None
         if output is not None and record.kind is RecordKind.FILE:
-            target = output + record.path
+            out_path = output + record.path
             _make_parents(output, record.path)
-            out_fd = os.open(target, _CREATE_FLAGS, 0o600)
-            os.ftruncate(out_fd, content.size)
-        return _CheckJob(record, content, fd, out_fd, left=0)
+            fd = os.open(out_path, _CREATE_FLAGS, 0o600)
+            try:
+                os.ftruncate(fd, content.size)
+            finally:
+                os.close(fd)
+        return _CheckJob(record, content, out_path)
 
     def _submit_check(
-        self, job: _CheckJob, pool: _Pool, reader: Callable[[], ContentReader], advance: Callable[[int], None]
+        self,
+        job: _CheckJob,
+        pool: _Pool,
+        worker_state: Callable[[], tuple[_Beneath, ContentReader]],
+        advance: Callable[[int], None],
     ) -> None:
-        segments = list(_segments(job.content.size, self.volume.chunk_size))
-        job.left = len(segments)
+        chunk_size = self.volume.chunk_size
         cipher = self.volume.cipher(job.content)
-        pread = _pread_into(job.fd)
-        sink = None
-        if job.out_fd is not None:
-            out_fd = job.out_fd
-
-            def sink(offset: int, plain: memoryview) -> None:
-                _pwrite_all(out_fd, plain, offset)
+        path = job.record.path
 
         def task(first: int, end: int) -> tuple[Problem | None, int]:
-            problem = reader().check(
-                job.content,
-                pread,
-                first_chunk=first,
-                end_chunk=end,
-                cipher=cipher,
-                sink=sink,
-                shown_path=job.record.path,
-            )
-            size = min(job.content.size, end * self.volume.chunk_size) - first * self.volume.chunk_size
-            return problem, size
+            """Check one segment; the stored file (and the decrypted one) are open only meanwhile."""
+            size = min(job.content.size, end * chunk_size) - first * chunk_size
+            beneath, reader = worker_state()
+            try:
+                fd = beneath.open_file(path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    return _missing(path), size
+                return Problem(path, ProblemKind.UNREADABLE, f"cannot be read ({exc.strerror})"), size
+            out_fd = None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return _type_changed(path, st.st_mode, "a regular file"), size
+                if st.st_size != job.content.size:
+                    return size_problem(path, st.st_size, job.content.size), size
+                sink = None
+                if job.out_path is not None:
+                    out_fd = os.open(job.out_path, _WRITE_FLAGS)
+                    sink = partial(_write_at, out_fd)
+                problem = reader.check(
+                    job.content,
+                    _pread_into(fd),
+                    first_chunk=first,
+                    end_chunk=end,
+                    cipher=cipher,
+                    sink=sink,
+                    shown_path=path,
+                )
+                return problem, size
+            finally:
+                os.close(fd)
+                if out_fd is not None:
+                    os.close(out_fd)
 
         def finished(outcome: tuple[Problem | None, int]) -> None:
             problem, size = outcome
@@ -838,8 +912,8 @@ class DirectoryVolume:
             if problem is not None and not job.problems:
                 job.problems.append(problem)
 
-        for first, end in segments:
-            pool.submit(partial(task, first, end), finished)
+        for first, end in _segments(job.content.size, chunk_size):
+            pool.submit(partial(task, first, end), finished, (end - first) * chunk_size)
 
     def _check_other(self, record: Record, output: bytes | None) -> Problem | None:
         """Check a directory, symlink or special file record (and recreate it when decrypting)."""
@@ -886,6 +960,9 @@ class DirectoryVolume:
         regions = self.volume.regions
         records = self.volume.by_path
         exempt = {self.metadata_path, *parent_paths(self.metadata_path)}
+        # parents of recorded paths that a layer left implicit: they exist on disk without a record, and
+        # cannot have been added (the recorded paths below them already need them)
+        implied = {parent for path in records for parent in parent_paths(path)}
         root = self._beneath.root
         problems = []
         inodes: dict[tuple[int, int], bytes] = {}
@@ -897,15 +974,15 @@ class DirectoryVolume:
         for path, st in _walk(root, prune):
             if path in records:
                 continue
-            mode = regions.mode_for(path)
-            if mode.protected:
-                if path not in exempt:
+            region = regions.region_for(path)
+            if region.mode.protected:
+                if path not in exempt and not (path in implied and stat.S_ISDIR(st.st_mode)):
                     problems.append(
                         Problem(
                             path,
                             ProblemKind.UNEXPECTED,
-                            f"is {describe_mode(st.st_mode)} in a {mode.label} region that the metadata does not "
-                            "list: it was added, or renamed from another path",
+                            f"is {describe_mode(st.st_mode)} in the {region} region but not in the metadata: it "
+                            "was added, or renamed from another path",
                         )
                     )
                 continue
@@ -979,9 +1056,10 @@ def _copy_unprotected(
 
 
 def _make_parents(output: bytes, path: bytes) -> None:
+    """Create the parents of ``path`` in the output (recorded ones get their modes at the end)."""
     parent = path.rpartition(b"/")[0]
     if parent and not os.path.isdir(output + parent):
-        os.makedirs(output + parent, 0o700, exist_ok=True)
+        os.makedirs(output + parent, 0o755, exist_ok=True)
 
 
 def _missing(path: bytes) -> Problem:
@@ -990,13 +1068,6 @@ def _missing(path: bytes) -> Problem:
 
 def _type_changed(path: bytes, st_mode: int, expected: str) -> Problem:
     return Problem(path, ProblemKind.TYPE_CHANGED, f"is {describe_mode(st_mode)}, expected {expected}")
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def verify_directory(
