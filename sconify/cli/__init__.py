@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "batch": "sconify.cli.batch:batch",
     "worker": "sconify.cli.batch:worker",
     "serve": "sconify.cli.serve:serve",
+    "app": "sconify.cli.app:app",
+    "cas": "sconify.cli.cas:cas",
 }
 
 EXIT_INTERNAL = 70
@@ -76,24 +78,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj["quiet"] = quiet
 
 
-def _bound_heap() -> None:
-    """Serve large buffers from mmap so that freed stream chunks go back to the system at once.
-
-    glibc's adaptive threshold otherwise keeps megabyte chunks on the heap, where they fragment and make
-    peak memory grow with the number of layers streamed in parallel.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the console script: run the group and map every outcome to an exit code."""
-    _bound_heap()
     verbose = any(a in ("-v", "-vv", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
     try:
         cli.main(args=argv, prog_name="sconify", standalone_mode=False)
