@@ -43,6 +43,7 @@ from sconify.image.transports import TransportOptions, open_destination, open_im
 from sconify.image.transports.base import Destination
 from sconify.plan import ConvertOptions, Plan, make_plan
 from sconify.policy.chart import ChartSpec, write_chart
+from sconify.policy.secrets import ServiceSecrets, check_service_secrets
 from sconify.policy.session import ServiceSpec, Session
 from sconify.progress import SILENT, Progress
 from sconify.rules import load_rules
@@ -284,8 +285,10 @@ def _session(
     volume: VolumeResult,
     extra_secrets: Sequence[dict[str, Any]],
     injections: Sequence[dict[str, Any]],
+    declared: ServiceSecrets | None = None,
 ) -> Session:
     image_name = f"{plan.service}-image"
+    declared = declared or ServiceSecrets()
     service = ServiceSpec(
         name=plan.service,
         image_name=image_name,
@@ -300,8 +303,15 @@ def _session(
     return Session(
         name=plan.session,
         services=(service,),
-        images=({"name": image_name, "injection_files": list(injections), "volumes": []},),
-        secrets=tuple(extra_secrets),
+        images=(
+            {
+                "name": image_name,
+                "injection_files": [*declared.injection_files(plan.service), *injections],
+                "volumes": declared.image_volumes(),
+            },
+        ),
+        volumes=tuple(declared.session_volumes()),
+        secrets=(*declared.session_secrets(plan.service), *extra_secrets),
         tolerate=plan.relaxations,
     )
 
@@ -419,6 +429,7 @@ def convert(
         header_cache=cache,
     )
     image, plan, scan = prepared.image, prepared.plan, prepared.scan
+    check_service_secrets(options.service_secrets, plan.service, options.env, extra_secrets, injections)
     timings["analyze"] = time.monotonic() - started
     runtime: Runtime
     if plan.runtime:
@@ -490,7 +501,7 @@ def convert(
         data = manifest_bytes(manifest)
         digest = sha256_digest(data)
 
-        session = _session(plan, mrenclave, volume, extra_secrets, injections)
+        session = _session(plan, mrenclave, volume, extra_secrets, injections, options.service_secrets)
         report = _report(
             plan,
             prepared,
@@ -504,6 +515,11 @@ def convert(
             enclave_origin,
             timings,
         )
+        report["declared"] = {  # names and paths only: the CAS generates every value
+            "secrets": [s["name"] for s in session.secrets],
+            "injection_files": [f["path"] for f in session.images[0]["injection_files"]],
+            "volumes": options.service_secrets.image_volumes(),
+        }
         files = {
             "session.yml": session.to_yaml().encode(),
             "enclave.sig": sigstruct.to_bytes(),
@@ -527,6 +543,7 @@ def convert(
             config_id=plan.config_id,
             cas=plan.cas,
             las=None,
+            volumes=tuple((v.name, v.path) for v in options.service_secrets.volumes),
         )
         # The policy is staged first and moved into place only once the image is committed: a destination
         # that refuses the manifest leaves neither behind.

@@ -15,6 +15,7 @@ from typing import Any
 
 from sconify.enclave.settings import DlopenMode, EnclaveSettings, parse_size
 from sconify.errors import ConversionError, UsageError
+from sconify.policy.secrets import ServiceSecrets
 
 RUNTIME_PATH = "/.sconify/bin/sconify-run"
 METADATA_PATH = "/.sconify/fspf/volume.fspf"
@@ -64,6 +65,8 @@ class ConvertOptions:
     runtime: str | None = None
     chunk_size: int = 65536
     created: str | None = None  # RFC 3339 time for new layers and the config (default: the source's)
+    # Secrets, TLS files and encrypted volumes the session declares (--secret, --tls-*, --volume).
+    service_secrets: ServiceSecrets = field(default_factory=ServiceSecrets)
 
 
 @dataclass(frozen=True)

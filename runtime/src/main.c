@@ -20,6 +20,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "cas.h"
 #include "command.h"
 #include "fail.h"
 #include "fspf.h"
@@ -106,16 +107,25 @@ int main(int argc, char **argv)
     if (parse_user(user_text, &user) < 0)
         fail(EXIT_BAD_CONFIG, "SCONIFY_USER '%s' is not UID:GID in numbers; convert the image again", user_text);
 
-    const char *session_file = getenv("SCONIFY_SESSION_FILE");
-    if (!session_file || !*session_file)
-        fail(EXIT_NO_SESSION, "no session: SCONIFY_SESSION_FILE is not set; mount the session file and name it, e.g. "
-             "docker run -v $PWD/session.yml:/run/sconify/session.yml:ro "
-             "-e SCONIFY_SESSION_FILE=/run/sconify/session.yml IMAGE");
     struct service_config service;
-    session_load(session_file, session_name, service_name, &service);
-
-    measure_self(mrenclave);
-    hex_encode(mrenclave, MRENCLAVE_SIZE, hex);
+    struct cas_extras extra;
+    memset(&extra, 0, sizeof extra);
+    const char *cas_address = getenv("SCONE_CAS_ADDR");
+    if (cas_is_dev(cas_address)) {
+        /* The development CAS decides: it gets the measurement and answers only for an allowed one. */
+        measure_self(mrenclave);
+        hex_encode(mrenclave, MRENCLAVE_SIZE, hex);
+        cas_fetch(cas_address, config_id, hex, &service, &extra);
+    } else {
+        const char *session_file = getenv("SCONIFY_SESSION_FILE");
+        if (!session_file || !*session_file)
+            fail(EXIT_NO_SESSION, "no session: SCONIFY_SESSION_FILE is not set; mount the session file and name it, "
+                 "e.g. docker run -v $PWD/session.yml:/run/sconify/session.yml:ro "
+                 "-e SCONIFY_SESSION_FILE=/run/sconify/session.yml IMAGE (or set SCONE_CAS_ADDR to a development CAS)");
+        session_load(session_file, session_name, service_name, &service);
+        measure_self(mrenclave);
+        hex_encode(mrenclave, MRENCLAVE_SIZE, hex);
+    }
     int allowed = 0;
     for (size_t i = 0; i < service.mrenclave_count; i++) {
         if (!strcmp(service.mrenclaves[i], hex)) allowed = 1;
@@ -151,5 +161,6 @@ int main(int argc, char **argv)
         fspf_prepare(service.fspf_path, key, tag, &summary);
         OPENSSL_cleanse(key, sizeof key);
     }
+    cas_write_files(&extra, &user);
     launch(command, &service, &user);
 }

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <openssl/evp.h>
 #include <yaml.h>
 
 #include "fail.h"
@@ -22,6 +23,7 @@
 #define SESSION_MAX (16u << 20)
 
 static const char *session_path;
+static const char *cas_origin; /* set while reading an answer of the development CAS */
 
 static _Noreturn void malformed(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -32,6 +34,9 @@ static _Noreturn void malformed(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
+    if (cas_origin)
+        fail(EXIT_BAD_SESSION, "the configuration from the CAS at %s is malformed: %s; run the CAS of this sconify",
+             cas_origin, what);
     fail(EXIT_BAD_SESSION, "the session file %s is malformed: %s; mount the session file written by sconify convert",
          session_path, what);
 }
@@ -223,4 +228,71 @@ void session_load(const char *path, const char *session, const char *service, st
     yaml_document_delete(&doc);
     yaml_parser_delete(&parser);
     free(data);
+}
+
+/* Decode standard base64 (EVP_DecodeBlock counts the padding as zero bytes; they are taken off again). */
+static unsigned char *base64_decode(const char *text, size_t *length, const char *where)
+{
+    size_t n = strlen(text);
+    if (n % 4 || n > (size_t)1 << 30) malformed("content_base64 of %s is not base64", where);
+    unsigned char *out = xmalloc(n / 4 * 3 + 1);
+    int got = n ? EVP_DecodeBlock(out, (const unsigned char *)text, (int)n) : 0;
+    if (got < 0) malformed("content_base64 of %s is not base64", where);
+    size_t pad = (n && text[n - 1] == '=') + (n > 1 && text[n - 2] == '=');
+    *length = (size_t)got - pad;
+    return out;
+}
+
+/* An absolute path without '..' components (the CAS is trusted, but a path is checked like any other input). */
+static const char *clean_path(yaml_document_t *doc, yaml_node_t *map, const char *key, const char *where)
+{
+    const char *p = scalar(lookup(doc, map, key, where), key, where);
+    if (p[0] != '/' || strstr(p, "/../") || !strcmp(p + strlen(p) - (strlen(p) >= 3 ? 3 : 0), "/.."))
+        malformed("%s '%s' of %s is not a clean absolute path", key, p, where);
+    return p;
+}
+
+void session_from_cas(const unsigned char *data, size_t length, const char *origin, struct service_config *out,
+                      struct cas_extras *extra)
+{
+    cas_origin = origin;
+    memset(out, 0, sizeof *out);
+    memset(extra, 0, sizeof *extra);
+    yaml_parser_t parser;
+    yaml_document_t doc;
+    if (!yaml_parser_initialize(&parser)) fail(EXIT_INTERNAL, "cannot initialise the YAML parser");
+    yaml_parser_set_input_string(&parser, data, length);
+    if (!yaml_parser_load(&parser, &doc)) malformed("it is not JSON (%s)", parser.problem ? parser.problem : "syntax");
+    yaml_node_t *root = yaml_document_get_root_node(&doc);
+    if (!root || root->type != YAML_MAPPING_NODE) malformed("it is not a JSON object");
+    read_service(&doc, root, "the service", out);
+
+    yaml_node_t *files = lookup(&doc, root, "injection_files", "the answer");
+    if (!is_null(files)) {
+        if (files->type != YAML_SEQUENCE_NODE) malformed("injection_files is not a list");
+        size_t count = (size_t)(files->data.sequence.items.top - files->data.sequence.items.start);
+        extra->files = xcalloc(count, sizeof *extra->files);
+        for (size_t i = 0; i < count; i++) {
+            yaml_node_t *f = node(&doc, files->data.sequence.items.start[i]);
+            if (!f || f->type != YAML_MAPPING_NODE) malformed("an injection file is not an object");
+            struct injected_file *file = &extra->files[extra->file_count++];
+            file->path = xstrdup(clean_path(&doc, f, "path", "an injection file"));
+            file->content = base64_decode(scalar(lookup(&doc, f, "content_base64", file->path), "content_base64",
+                                                 file->path), &file->length, file->path);
+        }
+    }
+    yaml_node_t *volumes = lookup(&doc, root, "volumes", "the answer");
+    if (!is_null(volumes)) {
+        if (volumes->type != YAML_SEQUENCE_NODE) malformed("volumes is not a list");
+        size_t count = (size_t)(volumes->data.sequence.items.top - volumes->data.sequence.items.start);
+        extra->volume_paths = xcalloc(count, sizeof *extra->volume_paths);
+        for (size_t i = 0; i < count; i++) {
+            yaml_node_t *v = node(&doc, volumes->data.sequence.items.start[i]);
+            if (!v || v->type != YAML_MAPPING_NODE) malformed("a volume is not an object");
+            extra->volume_paths[extra->volume_count++] = xstrdup(clean_path(&doc, v, "path", "a volume"));
+        }
+    }
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&parser);
+    cas_origin = NULL;
 }

@@ -17,6 +17,27 @@ struct service_config {
     char *fspf_tag;       /* 32 hex digits */
 };
 
+/* What only the development CAS hands out: files to inject and the encrypted volumes' mount points. */
+struct injected_file {
+    char *path;
+    unsigned char *content;
+    size_t length;
+};
+
+struct cas_extras {
+    struct injected_file *files;
+    size_t file_count;
+    char **volume_paths;
+    size_t volume_count;
+};
+
+/*
+ * Read a configuration answer of the development CAS at ORIGIN (the fields of one service, plus
+ * injection_files and volumes) into OUT and EXTRA, or end the process with EXIT_BAD_SESSION.
+ */
+void session_from_cas(const unsigned char *data, size_t length, const char *origin, struct service_config *out,
+                      struct cas_extras *extra);
+
 /*
  * Load the service SERVICE of session SESSION from the YAML file at PATH, or end the process with a
  * refusal: EXIT_NO_SESSION (missing or unreadable file), EXIT_BAD_SESSION (not YAML, a malformed

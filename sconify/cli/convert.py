@@ -13,6 +13,7 @@ from sconify.cli.progress import progress_for
 from sconify.cli.render import emit_fields, emit_json, emit_table
 from sconify.image.reference import parse_reference
 from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions, parse_env_option
+from sconify.policy.secrets import parse_service_secrets
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -41,6 +42,10 @@ def _options(kw: dict[str, Any]) -> ConvertOptions:
         cas=kw["cas"],
         las=kw["las"],
         runtime=kw["runtime"],
+        service_secrets=parse_service_secrets(
+            tls_server=kw["tls_server"], tls_client=kw["tls_client"], tls_ca=kw["tls_ca"],
+            volumes=kw["volume"], secrets=kw["secret"],
+        ),
     )
 
 
@@ -73,6 +78,16 @@ def _options(kw: dict[str, Any]) -> ConvertOptions:
 @click.option("--allow-debug", is_flag=True, help="Allow a debug enclave (a relaxation listed in the report).")
 @click.option("--secrets", "secrets_file", type=_FILE, help="YAML list of extra session secrets.")
 @click.option("--inject", "inject_file", type=_FILE, help="YAML list of injection files for the image.")
+@click.option("--secret", multiple=True, metavar="NAME=KIND[:PARAMS]",
+              help="A secret the CAS generates (ascii, binary, private-key, x509, x509-ca; e.g. "
+              "db_password=ascii:size=24); use it with --env NAME=$$SCONE::db_password$$ (repeatable).")
+@click.option("--tls-server", multiple=True, metavar="CERT,KEY[,san=dns:NAME,...]",
+              help="Inject a server certificate and key issued by the application's CA at these paths.")
+@click.option("--tls-client", multiple=True, metavar="CERT,KEY",
+              help="Inject a client certificate and key issued by the application's CA at these paths.")
+@click.option("--tls-ca", multiple=True, metavar="PATH", help="Inject the application's CA certificate at PATH.")
+@click.option("--volume", multiple=True, metavar="NAME:/PATH",
+              help="An encrypted volume at /PATH whose key the CAS generates; a PVC in the chart (repeatable).")
 @click.option("--cache", "cache_dir", type=_DIR, envvar="SCONIFY_CACHE", metavar="DIR",
               help="Keep per-layer work here and reuse it (default: $SCONIFY_CACHE; none when unset).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
