@@ -31,7 +31,7 @@ from sconify.policy.secrets import (
 )
 from sconify.policy.session import SESSION_VERSION, TOLERABLE, check_name, dump_yaml
 from sconify.progress import SILENT, Progress
-from sconify.secretfile import make_private_dir, write_secret
+from sconify.secretfile import write_secret
 
 CA_SECRET = "ca"
 
@@ -407,7 +407,7 @@ def convert_app(
     """Convert every service of ``app`` and write one policy set into ``policy_out`` (complete or absent):
     ``session.yml`` (all services), ``report.json``, ``services/NAME/`` (enclave signature, SGXS, the service's
     report) and ``chart/`` (an umbrella chart with one subchart per service) or ``charts/NAME/``."""
-    from sconify.convert import convert
+    from sconify.convert import convert, install_policy_dir
     from sconify.enclave.keys import enclave_key_pem, generate_enclave_key
     from sconify.image.reference import parse_reference
     from sconify.policy.session_schema import session_errors
@@ -441,17 +441,10 @@ def convert_app(
         report = _report(app, results, merged)
         write_secret(staging / "report.json", json.dumps(report, indent=2, sort_keys=True).encode() + b"\n",
                      what="report")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=parent))
-            os.replace(target, old / "x")
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-        make_private_dir(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    install_policy_dir(staging, target)
     return AppResult(app, str(target), tuple(results), report)
 
 

@@ -332,7 +332,7 @@ def _load_yaml_list(path: Path | None, key: str) -> list[dict[str, Any]]:
     return data
 
 
-def _stage_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -> Path:
+def stage_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -> Path:
     """Write the policy directory's files into a private staging directory beside ``target``."""
     parent = target.absolute().parent
     if not parent.is_dir():
@@ -349,7 +349,7 @@ def _stage_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) -
     return staging
 
 
-def _install_policy_dir(staging: Path, target: Path) -> None:
+def install_policy_dir(staging: Path, target: Path) -> None:
     """Swap a staged policy directory into place, so that it is complete or absent."""
     parent = target.absolute().parent
     try:
@@ -547,14 +547,14 @@ def convert(
         )
         # The policy is staged first and moved into place only once the image is committed: a destination
         # that refuses the manifest leaves neither behind.
-        staging = _stage_policy_dir(policy_out, files, chart)
+        staging = stage_policy_dir(policy_out, files, chart)
         try:
             dest.put_manifest(data, manifest["mediaType"])
             where = dest.commit()
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _install_policy_dir(staging, policy_out)
+        install_policy_dir(staging, policy_out)
     except BaseException:
         dest.abort()
         raise

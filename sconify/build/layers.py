@@ -196,7 +196,8 @@ class LayerBuilder:
     def _from_cache(self, action: LayerAction, hit: CachedLayer) -> LayerOutput:
         layer = self.image.layers[action.index]
         if hit.blob is not None:
-            if not self.dest.has_blob(hit.descriptor):
+            link = getattr(self.dest, "link_blob", None)  # local layouts share the cache's file instead of a copy
+            if not self.dest.has_blob(hit.descriptor) and not (link is not None and link(hit.descriptor, hit.blob)):
                 with (
                     open(hit.blob, "rb") as f,
                     self.progress.task(f"cached layer {action.index}", hit.descriptor.size) as bar,

@@ -60,26 +60,12 @@ def sconify_cmd(src: str, dst: str) -> list[str]:
     return [sys.executable, "-m", "sconify", "-q", "copy", src, dst]
 
 
-# The same copy with the DiffID check of byte-for-byte copies switched off (sconify.image.copy verifies every
-# layer's DiffID as it streams, which costs a gunzip and a second SHA-256 that skopeo does not do); for
-# diagnosis only: it shows what the transport itself costs.
-_NO_DIFF_ID = (
-    "import sys, sconify.image.copy as c, sconify.image.streams as s; "
-    "c.open_verified_blob = lambda src, desc, diff_id=None: s.open_verified_blob(src, desc, None); "
-    "from sconify.cli import main; sys.argv[0] = 'sconify'; main()"
-)
-
-
-def sconify_no_diff_id_cmd(src: str, dst: str) -> list[str]:
-    return [sys.executable, "-c", _NO_DIFF_ID, "-q", "copy", src, dst]
-
-
 def skopeo_cmd(src: str, dst: str) -> list[str]:
     return ["skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
             src, dst]
 
 
-TOOLS = {"sconify": sconify_cmd, "skopeo": skopeo_cmd, "sconify*": sconify_no_diff_id_cmd}
+TOOLS = {"sconify": sconify_cmd, "skopeo": skopeo_cmd}
 
 
 def main() -> None:
@@ -89,8 +75,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool and direction (default 3)")
     parser.add_argument("--workdir", default=None, help="where to put the image and registries (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
-    parser.add_argument("--no-diagnosis", action="store_true",
-                        help="skip the sconify* runs (DiffID check off, to show the transport's own cost)")
     args = parser.parse_args()
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
@@ -113,7 +97,7 @@ def main() -> None:
 
         results: dict[tuple[str, str], list[Run]] = {}
         for rep in range(args.repeat):
-            tools = [t for t in TOOLS if not (args.no_diagnosis and t.endswith("*"))]
+            tools = list(TOOLS)
             order = tools if rep % 2 == 0 else tools[::-1]
             for tool in order:
                 out = work / f"pulled-{tool.rstrip('*')}"
@@ -148,7 +132,7 @@ def main() -> None:
         print("| copy | sconify | skopeo | ratio | sconify CPU | skopeo CPU | sconify peak RSS | skopeo peak RSS |")
         print("|---|---|---|---|---|---|---|---|")
         names = {"pull": "registry -> oci layout", "push": "oci layout -> registry (new repo)"}
-        rows = [("sconify", "")] + ([] if args.no_diagnosis else [("sconify*", " *")])
+        rows = [("sconify", "")]
         for direction in ("pull", "push"):
             theirs = results[(direction, "skopeo")]
             for tool, mark in rows:
@@ -159,9 +143,6 @@ def main() -> None:
                       f"({size / MiB / b:.0f} MiB/s) | {a / b:.2f} "
                       f"| {cpu_a:.1f} s | {cpu_b:.1f} s "
                       f"| {max(r.peak_mib for r in ours):.0f} MiB | {max(r.peak_mib for r in theirs):.0f} MiB |")
-        if not args.no_diagnosis:
-            print()
-            print("\\* diagnosis only: sconify with the DiffID check of byte-for-byte layer copies switched off.")
     finally:
         for reg in registries:
             reg.stop()

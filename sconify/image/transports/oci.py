@@ -206,6 +206,21 @@ class OciLayoutDestination:
                 f"blob {desc.digest} arrived as {got.digest} ({got.size} bytes); the source is corrupt."
             )
 
+    def link_blob(self, desc: Descriptor, path: Path) -> bool:
+        """Make a blob present by hard-linking a local file of known size (sconify's own cache); False if not
+        possible (another file system), and the caller copies instead."""
+        if Path(path).stat().st_size != desc.size:
+            return False
+        target = self._blob_path(desc)
+        if target.exists():
+            return True
+        try:
+            os.link(path, target)
+        except OSError:
+            return False
+        self._added.append(target)
+        return True
+
     def new_blob(self, media_type: str) -> _FileBlobWriter:
         return _FileBlobWriter(self, media_type)
 
