@@ -126,3 +126,30 @@ def test_gzip_writer_is_deterministic_and_has_no_name_or_time():
     assert header[3] == 0  # no FNAME/FCOMMENT/FEXTRA flags
     assert header[4:8] == b"\0\0\0\0"  # mtime zero
     assert gzip.decompress(outs[0]) == data
+
+
+def test_background_gzip_writer_gives_the_same_bytes_and_diff_id():
+    data = [os.urandom(300000), b"text " * 200000, os.urandom(5)]
+    outs = []
+    for background in (False, True):
+        buf = io.BytesIO()
+        w = GzipWriter(buf, background=background)
+        for part in data:
+            w.write(part)
+        w.close()
+        outs.append((buf.getvalue(), w.diff_id, w.uncompressed_size))
+    assert outs[0] == outs[1]
+    assert gzip.decompress(outs[1][0]) == b"".join(data)
+
+
+def test_background_gzip_writer_reports_a_failing_sink():
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    w = GzipWriter(Full(), background=True)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(50):
+            w.write(os.urandom(1 << 20))
+        w.close()
+    w.abandon()

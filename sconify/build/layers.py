@@ -234,9 +234,10 @@ class LayerBuilder:
         writer = self.dest.new_blob(mt.layer_type(self.family, mt.GZIP))
         if spool is not None:
             writer = _Tee(writer, spool)
+        # Compression and hashing run beside the tar parsing and sealing: two cores for one layer.
+        gz = GzipWriter(writer, background=True)
         try:
             with self.progress.task(f"rewrite layer {index}", None) as bar, layer.open_tar() as tar:
-                gz = GzipWriter(writer)
                 out = LayerWriter(gz, what=f"the rewritten {what}")
                 for entry, content in read_layer(tar, what=what):
                     visible = self._visible(index, entry)
@@ -260,6 +261,7 @@ class LayerBuilder:
                 out.close()
                 gz.close()
         except BaseException:
+            gz.abandon()
             writer.abort()
             raise
         desc = writer.commit()

@@ -10,6 +10,8 @@ import collections
 import hashlib
 import io
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -364,24 +366,72 @@ class HashingWriter:
 
 
 class GzipWriter:
-    """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input."""
+    """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input.
 
-    def __init__(self, out: BinaryIO | HashingWriter, level: int = GZIP_LEVEL) -> None:
+    With ``background=True`` hashing, compression and the writes downstream run in a thread of their own fed
+    through a small bounded queue, so that a layer's producer (tar parsing, sealing) and its consumer use two
+    cores; the output is the same bytes either way.
+    """
+
+    QUEUE_CHUNKS = 8  # at most this many pending writes (about 8 MiB) per writer
+
+    def __init__(self, out: BinaryIO | HashingWriter, level: int = GZIP_LEVEL, *, background: bool = False) -> None:
         self._out = out
         self._c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
         self._diff = hashlib.sha256()
         self.uncompressed_size = 0
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(self.QUEUE_CHUNKS)
+            self._thread = threading.Thread(target=self._drain, name="gzip", daemon=True)
+            self._thread.start()
 
-    def write(self, data: bytes) -> int:
+    def _consume(self, data: bytes) -> None:
         self._diff.update(data)
-        self.uncompressed_size += len(data)
         out = self._c.compress(data)
         if out:
             self._out.write(out)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            if self._error is None:
+                try:
+                    self._consume(data)
+                except BaseException as exc:  # handed to the producer at its next write or at close
+                    self._error = exc
+
+    def write(self, data: bytes) -> int:
+        self.uncompressed_size += len(data)
+        if self._queue is None:
+            self._consume(data)
+        else:
+            if self._error is not None:
+                raise self._error
+            self._queue.put(bytes(data))
         return len(data)
 
     def close(self) -> None:
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+            if self._error is not None:
+                raise self._error
         self._out.write(self._c.flush())
+
+    def abandon(self) -> None:
+        """Stop the background thread after an error on the producer's side; nothing more is written."""
+        if self._queue is not None and self._thread is not None:
+            self._error = self._error or RuntimeError("abandoned")
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
 
     @property
     def diff_id(self) -> str:
