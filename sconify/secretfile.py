@@ -34,6 +34,11 @@ def write_secret(path: Path, data: bytes, *, force: bool = False, what: str = "k
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself survives a crash
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

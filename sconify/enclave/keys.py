@@ -15,9 +15,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sconify.enclave._files import read_input, write_atomic
+from sconify.enclave._files import read_input
 from sconify.enclave.sigstruct import mrsigner_of
 from sconify.errors import KeyMaterialError
+from sconify.secretfile import write_secret
 
 ENCLAVE_KEY_BITS = 3072
 ENCLAVE_KEY_EXPONENT = 3
@@ -58,8 +59,7 @@ def write_enclave_key(
     path: Path, key: rsa.RSAPrivateKey, passphrase: bytes | None = None, force: bool = False
 ) -> None:
     """Store a private key at ``path`` (mode 0600, atomically); an existing file is kept unless ``force``."""
-    write_atomic(Path(path), [enclave_key_pem(key, passphrase)], mode=0o600, overwrite=force,
-                 what="key file")
+    write_secret(Path(path), enclave_key_pem(key, passphrase), force=force, what="key")
 
 
 def read_passphrase(passphrase_file: Path | None = None, environ: Mapping[str, str] | None = None) -> bytes | None:

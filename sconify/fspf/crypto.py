@@ -17,7 +17,6 @@ import hmac
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from sconify.errors import DestinationError, KeyMaterialError, NotFoundError
+from sconify.errors import KeyMaterialError, NotFoundError
 from sconify.fspf.format import (
     CHUNK_ENTRY_SIZE,
     KEY_ID_SIZE,
@@ -264,27 +263,8 @@ def read_key_file(path: str | os.PathLike[str]) -> KeyFile:
 
 
 def write_key_file(path: str | os.PathLike[str], key: VolumeKey, tag: bytes) -> None:
-    """Write ``{"key", "tag"}`` as JSON with mode 0600, atomically (temp file, fsync, rename)."""
-    target = Path(path)
+    """Write ``{"key", "tag"}`` as JSON with mode 0600, atomically (through ``sconify.secretfile``)."""
+    from sconify.secretfile import write_secret
+
     payload = json.dumps({"key": key.hex(), "tag": tag.hex()}, indent=2, sort_keys=True) + "\n"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise DestinationError(
-            f"Cannot write the key file {target} ({exc.strerror}); choose a writable directory."
-        ) from None
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp already uses 0600; be explicit, the key must never be readable
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_secret(Path(path), payload.encode(), force=True, what="FSPF key")
