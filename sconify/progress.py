@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 
@@ -12,7 +12,7 @@ class Task(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: int | None = None, unit: str = "B") -> contextmanager[Task]: ...  # type: ignore[valid-type]
+    def task(self, description: str, total: int | None = None, unit: str = "B") -> AbstractContextManager[Task]: ...
 
 
 class _Silent:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from sconify.analyze.elf import ElfInfo, is_elf, parse_elf, scan_markers
-from sconify.image.model import BlobSource, Descriptor, Image, Layer
+from sconify.image.model import BlobSource, Descriptor, Image, Layer, Readable
 from sconify.image.streams import CHUNK
 from sconify.image.tarfs.entry import Entry, EntryKind
 from sconify.image.tarfs.reader import EntryContent, read_layer
@@ -82,7 +82,7 @@ class LayerCounts:
 class _CountingReader(io.RawIOBase):
     """A read-only stream that adds the size of every read to a counter."""
 
-    def __init__(self, raw: BinaryIO, add: Callable[[int], None]) -> None:
+    def __init__(self, raw: Readable, add: Callable[[int], None]) -> None:
         super().__init__()
         self._raw = raw
         self._add = add
@@ -103,7 +103,9 @@ class _CountingReader(io.RawIOBase):
 
     def close(self) -> None:
         try:
-            self._raw.close()
+            close = getattr(self._raw, "close", None)
+            if close is not None:
+                close()
         finally:
             super().close()
 

@@ -19,7 +19,7 @@ from sconify.fspf.format import RegionMode, RegionTable
 from sconify.fspf.writer import SealingStream, volume_path
 from sconify.image import mediatypes as mt
 from sconify.image.copy import transfer_layer
-from sconify.image.model import Descriptor, Image
+from sconify.image.model import Descriptor, Image, Readable
 from sconify.image.streams import CHUNK, GzipWriter
 from sconify.image.tarfs import Entry, EntryKind, LayerWriter, read_layer
 from sconify.image.transports.base import Destination
@@ -66,7 +66,7 @@ class _Collector:
 class _Counting:
     """Adds the size of every read to a progress task."""
 
-    def __init__(self, inner: BinaryIO, update: Callable[[int], None]) -> None:
+    def __init__(self, inner: Readable, update: Callable[[int], None]) -> None:
         self._inner = inner
         self._update = update
 
@@ -81,7 +81,7 @@ class _Counting:
         return len(data)
 
 
-def _drain(stream: BinaryIO) -> None:
+def _drain(stream: Readable) -> None:
     while stream.read(CHUNK):
         pass
 
@@ -133,7 +133,7 @@ class LayerBuilder:
     def _mode(self, entry: Entry) -> RegionMode:
         return self.regions.mode_for(volume_path(entry.path))
 
-    def _executable_bytes(self, entry: Entry, content: BinaryIO | None) -> bytes:
+    def _executable_bytes(self, entry: Entry, content: Readable | None) -> bytes:
         if entry.size > MAX_EXECUTABLE:
             raise ConversionError(f"the program /{entry.path} is larger than 1 GiB; sconify cannot measure it.")
         data = content.read() if content is not None else b""
@@ -223,7 +223,7 @@ class LayerBuilder:
                 for entry, content in read_layer(tar, what=what, needed=lambda e: self._needs_content(index, e)):
                     if self._visible(index, entry) and entry.path == self.executable:
                         executable = self._executable_bytes(entry, content)
-                        content = io.BytesIO(executable)
+                        content = io.BytesIO(executable)  # type: ignore[assignment]
                     rec = self._protect(index, entry, content, collector, bar.update)
                     if rec is not None:
                         records.append(rec)
@@ -250,7 +250,7 @@ class LayerBuilder:
                         continue  # an older copy hidden by an upper layer: its plaintext must not ship
                     if visible and entry.path == self.executable:
                         executable = self._executable_bytes(entry, content)
-                        content = io.BytesIO(executable)
+                        content = io.BytesIO(executable)  # type: ignore[assignment]
                     rec = self._protect(index, entry, content, collector, bar.update, out)
                     if rec is not None:
                         records.append(rec)
@@ -276,7 +276,7 @@ class LayerBuilder:
         self,
         index: int,
         entry: Entry,
-        content: BinaryIO | None,
+        content: Readable | None,
         collector: _Collector,
         update: Callable[[int], None],
         out: LayerWriter | None = None,

@@ -8,9 +8,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from sconify.errors import IntegrityError, UnsupportedError
+
+if TYPE_CHECKING:
+    from sconify.image.streams import DecompressingReader, VerifyingReader
 from sconify.image import mediatypes as mt
 
 _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
@@ -140,6 +143,18 @@ class Descriptor:
         return self.digest.split(":", 1)[0]
 
 
+class Readable(Protocol):
+    """Anything bytes are read from in bounded pieces."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """Anything bytes are written to."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
 class BlobSource(Protocol):
     """Where a transport reads blobs from; returns raw, not yet verified bytes."""
 
@@ -158,13 +173,13 @@ class Layer:
     diff_id: str
     source: BlobSource = field(compare=False, repr=False)
 
-    def open_blob(self, *, verify_diff_id: bool = False) -> BinaryIO:
+    def open_blob(self, *, verify_diff_id: bool = False) -> VerifyingReader:
         """The blob's raw bytes, verified against digest and size (and the DiffID if asked) as they stream."""
         from sconify.image.streams import open_verified_blob
 
         return open_verified_blob(self.source, self.descriptor, self.diff_id if verify_diff_id else None)
 
-    def open_tar(self) -> BinaryIO:
+    def open_tar(self) -> DecompressingReader:
         """The layer's uncompressed tar stream, verified against digest, size and DiffID as it streams."""
         from sconify.image.streams import open_verified_tar
 

@@ -20,7 +20,7 @@ from isal import isal_zlib
 
 from sconify.errors import IntegrityError, UnsupportedError
 from sconify.image import mediatypes as mt
-from sconify.image.model import BlobSource, Descriptor
+from sconify.image.model import BlobSource, Descriptor, Writable
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class _GzipPush:
                 while out:
                     self._sink(out)
                     out = self._d.decompress(self._d.unconsumed_tail, CHUNK) if self._d.unconsumed_tail else b""
-            except isal_zlib.error as exc:
+            except isal_zlib.error as exc:  # type: ignore[misc]
                 raise IntegrityError(f"{self._what} is not a valid gzip stream ({exc}).") from None
             if self._d.eof:
                 data = self._d.unused_data
@@ -187,7 +187,10 @@ class _ZstdPush:
     def __init__(self, sink: Callable[[bytes], None], what: str) -> None:
         self._what = what
         self._w = zstandard.ZstdDecompressor().stream_writer(
-            self._Sink(sink), write_size=CHUNK, write_return_read=True, closefd=False
+            self._Sink(sink),  # type: ignore[arg-type]
+            write_size=CHUNK,
+            write_return_read=True,
+            closefd=False,
         )
         self._fed = 0
 
@@ -349,7 +352,7 @@ def open_verified_tar(source: BlobSource, desc: Descriptor, diff_id: str) -> Dec
 class HashingWriter:
     """Wraps a writable file and records the digest and size of what passes through it."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: Writable) -> None:
         self._out = out
         self._hash = hashlib.sha256()
         self.size = 0
@@ -375,7 +378,7 @@ class GzipWriter:
 
     QUEUE_CHUNKS = 8  # at most this many pending writes (about 8 MiB) per writer
 
-    def __init__(self, out: BinaryIO | HashingWriter, level: int = GZIP_LEVEL, *, background: bool = False) -> None:
+    def __init__(self, out: Writable, level: int = GZIP_LEVEL, *, background: bool = False) -> None:
         self._out = out
         self._c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
         self._diff = hashlib.sha256()

@@ -14,6 +14,7 @@ from sconify.image.model import (
     Descriptor,
     Image,
     Platform,
+    Readable,
     parse_json_document,
     sha256_digest,
     sniff_manifest_type,
@@ -51,7 +52,7 @@ class Destination(Protocol):
 
     def has_blob(self, desc: Descriptor) -> bool: ...
 
-    def put_blob(self, desc: Descriptor, stream: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+    def put_blob(self, desc: Descriptor, stream: Readable, progress: Callable[[int], None] | None = None) -> None:
         """Store a blob whose descriptor is known; the stream is already verified by its reader."""
         ...
 

@@ -16,10 +16,10 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from sconify.errors import BadReferenceError, DestinationError, NetworkError, NotFoundError
-from sconify.image.model import BlobSource, Descriptor, Image, Platform, parse_json_document
+from sconify.image.model import BlobSource, Descriptor, Image, Platform, Readable, parse_json_document
 from sconify.image.reference import DOCKER_ARCHIVE, Reference
 from sconify.image.transports.base import BlobWriter
 from sconify.image.transports.docker_archive import (
@@ -170,7 +170,7 @@ class DaemonDestination:
     def has_blob(self, desc: Descriptor) -> bool:
         return self._archive.has_blob(desc)
 
-    def put_blob(self, desc: Descriptor, stream: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+    def put_blob(self, desc: Descriptor, stream: Readable, progress: Callable[[int], None] | None = None) -> None:
         self._archive.put_blob(desc, stream, progress)
 
     def new_blob(self, media_type: str) -> BlobWriter:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from sconify.errors import DestinationError, IntegrityError, NotFoundError
 from sconify.image import mediatypes as mt
-from sconify.image.model import Descriptor, Image, Platform, parse_json_document
+from sconify.image.model import Descriptor, Image, Platform, Readable, parse_json_document
 from sconify.image.streams import CHUNK
 from sconify.image.transports.base import read_limited, resolve_image, verify_document
 
@@ -189,7 +189,7 @@ class OciLayoutDestination:
         path = self._blob_path(desc)
         return path.is_file() and path.stat().st_size == desc.size
 
-    def put_blob(self, desc: Descriptor, stream: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+    def put_blob(self, desc: Descriptor, stream: Readable, progress: Callable[[int], None] | None = None) -> None:
         # The stream comes from a verifying reader (promise 3), which raises before the end on any mismatch.
         writer = _FileBlobWriter(self, desc.media_type, desc)
         try:

@@ -76,7 +76,7 @@ class TarMemberStore:
         # pread on the shared descriptor: several layers are read by several threads at once.
         fileobj = self._tar.fileobj
         assert fileobj is not None
-        return _MemberReader(fileobj.fileno(), info.offset_data, info.size, f"{member} in {self.name}")  # type: ignore[return-value]
+        return _MemberReader(fileobj.fileno(), info.offset_data, info.size, f"{member} in {self.name}")  # type: ignore[return-value,attr-defined]
 
     def read_member(self, member: str) -> bytes:
         with self.open_member(member) as f:

@@ -31,7 +31,7 @@ from sconify.errors import (
     UsageError,
 )
 from sconify.image import mediatypes as mt
-from sconify.image.model import Descriptor, Image, Platform, check_digest
+from sconify.image.model import Descriptor, Image, Platform, Readable, check_digest
 from sconify.image.reference import DOCKER, Reference
 from sconify.image.streams import CHUNK
 from sconify.image.transports import TransportOptions
@@ -203,7 +203,7 @@ class _StreamBody:
     and kept until the request succeeds so that it can be repeated. ``last`` also reads to the end of the
     stream, so that a verifying reader checks the digest before the request completes."""
 
-    def __init__(self, stream: BinaryIO, size: int, last: bool, progress: Callable[[int], None] | None,
+    def __init__(self, stream: Readable, size: int, last: bool, progress: Callable[[int], None] | None,
                  what: str) -> None:
         self._stream = stream
         self.size = size
@@ -875,7 +875,7 @@ class RegistryDestination:
         with self._lock:
             self._open.discard(upload)
 
-    def put_blob(self, desc: Descriptor, stream: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+    def put_blob(self, desc: Descriptor, stream: Readable, progress: Callable[[int], None] | None = None) -> None:
         """Upload a blob whose descriptor is known: one PUT when it fits in a chunk, else PATCHed chunks; each
         request body is read from the stream while it is sent."""
         what = f"blob {desc.digest} for {self.name}"
