@@ -185,6 +185,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing(work: Path, tm
     store = _store(jobs_file)
     _wait_for(lambda: _running_and_done(store, 1), proc)
     interrupted = next(j for j in store.list() if j.status == RUNNING)
+    # Claimed is not yet converting: wait for the conversion to have begun, so that Ctrl-C interrupts it.
+    _wait_for(lambda: _conversions(jobs_file, interrupted.spec["name"]) == 1, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
