@@ -65,6 +65,5 @@ def test_release_all_frees_every_lock_of_a_job(tmp_path: Path) -> None:
     holder, other = SharedLayerCache(tmp_path), SharedLayerCache(tmp_path, wait_limit=0.2)
     assert holder.get("sha256:" + "1" * 64) is None  # a header scan in progress
     holder.release_all()  # the job ended (failed) before it stored it
-    started = time.monotonic()
     assert other.get("sha256:" + "1" * 64) is None
-    assert time.monotonic() - started < 0.15 and other.waited == 0
+    assert other.waited == 0  # no lock was left to wait for
