@@ -53,7 +53,7 @@ def test_image_builds_twice_to_the_same_digest(name: str, fixture_image: Fixture
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     again = json.loads(done.stdout)
-    assert again["digest"] == first.digest
+    assert again["digest"] == first.digest, _difference(first.reference, again["reference"])
     assert again["reference"] == f"oci:{tmp_path / 'again'}:v2"
     assert [m["value"] for m in again["markers"]] == list(first.marker_values())
     index = json.loads((tmp_path / "again" / "index.json").read_text())
@@ -249,3 +249,18 @@ def test_hand_made_specs_are_written_like_catalogue_images(tmp_path: Path) -> No
         LayerBuilder("dup").file("/a", "1").file("/a", "2")
     with pytest.raises(ValueError, match="sorts before its target"):
         LayerBuilder("links").file("/b.conf", "x").hardlink("/b-link", "/b.conf").build()
+
+
+def _difference(a: str, b: str) -> str:
+    """Which blobs of two builds differ (config, or layer N), to tell a nondeterministic part apart."""
+    from sconify.image.reference import parse_reference
+    from sconify.image.transports import open_image
+
+    first, second = open_image(parse_reference(a)), open_image(parse_reference(b))
+    out = []
+    if first.config_bytes != second.config_bytes:
+        out.append(f"config differs: {first.config_bytes[:300]!r} vs {second.config_bytes[:300]!r}")
+    for i, (x, y) in enumerate(zip(first.layers, second.layers, strict=False)):
+        if x.descriptor.digest != y.descriptor.digest:
+            out.append(f"layer {i} differs: DiffID {x.diff_id} vs {y.diff_id}")
+    return "; ".join(out) or "manifests differ only in their own bytes"
