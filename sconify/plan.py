@@ -178,6 +178,72 @@ class Plan:
         }
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def options_from_flags(values: Mapping[str, Any]) -> ConvertOptions:
+    """``ConvertOptions`` from ``sconify convert``'s flag names (``--allow-debug`` as ``allow_debug``), as the
+    command line, batch job files and service routes give them; the one mapping from flags to options.
+
+    ``session`` names the CAS session (the CLI's ``--name``). ``command`` is a list of arguments, or one string
+    split like a shell would (no expansion). ``env`` is a list of ``NAME=VALUE`` or a mapping.
+    """
+    import shlex
+
+    command = values.get("command")
+    if isinstance(command, str):
+        command = tuple(shlex.split(command))
+    elif command:
+        command = tuple(str(c) for c in command)
+        if len(command) == 1:
+            command = tuple(shlex.split(command[0]))
+    else:
+        command = None
+    env = values.get("env") or ()
+    if isinstance(env, Mapping):
+        env_pairs = tuple((str(k), str(v)) for k, v in env.items())
+    else:
+        env_pairs = parse_env_option([str(e) for e in env])
+    secret_flags = {k: _strings(values.get(k)) for k in ("tls_server", "tls_client", "tls_ca", "volume", "secret")}
+    extra: dict[str, Any] = {}
+    if any(secret_flags.values()):
+        from sconify.policy.secrets import parse_service_secrets
+
+        extra["service_secrets"] = parse_service_secrets(
+            tls_server=secret_flags["tls_server"], tls_client=secret_flags["tls_client"],
+            tls_ca=secret_flags["tls_ca"], volumes=secret_flags["volume"], secrets=secret_flags["secret"],
+        )
+
+    def size(name: str) -> str | None:
+        value = values.get(name)
+        return None if value is None else str(value)
+
+    threads = values.get("threads")
+    return ConvertOptions(
+        encrypt=_strings(values.get("encrypt")),
+        authenticate=_strings(values.get("authenticate")),
+        plain=_strings(values.get("plain")),
+        heap=size("heap"),
+        stack=size("stack"),
+        threads=None if threads is None else int(threads),
+        dlopen=values.get("dlopen"),
+        allow_debug=bool(values.get("allow_debug", False)),
+        env=env_pairs,
+        command=command,
+        session=values.get("session"),
+        namespace=values.get("namespace"),
+        service=values.get("service"),
+        cas=values.get("cas") or DEFAULT_CAS,
+        las=values.get("las") or DEFAULT_LAS,
+        runtime=values.get("runtime"),
+        chunk_size=int(values.get("chunk_size") or ConvertOptions.chunk_size),
+        **extra,
+    )
+
+
 def normalize_region_path(path: str) -> str:
     """An absolute, normalised region prefix (``/app``; the root is ``/``)."""
     if not path or "\0" in path:

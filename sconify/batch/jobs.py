@@ -42,7 +42,7 @@ from sconify import __version__
 from sconify.errors import NotFoundError, SconifyError, UsageError
 from sconify.image.reference import DOCKER_ARCHIVE, DOCKER_DAEMON, OCI, OCI_ARCHIVE, Reference, parse_reference
 from sconify.image.transports import TransportOptions
-from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions, parse_env_option
+from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions, options_from_flags
 
 FORMAT_VERSION = 1
 KEY_VERSION = 1
@@ -197,33 +197,9 @@ class JobSpec:
 
     def convert_options(self) -> ConvertOptions:
         """The ``ConvertOptions`` this job converts with (the same mapping as ``sconify convert``)."""
-        extra: dict[str, Any] = {}
-        if self.secret or self.tls_server or self.tls_client or self.tls_ca or self.volume:
-            from sconify.policy.secrets import parse_service_secrets
+        from dataclasses import asdict
 
-            extra["service_secrets"] = parse_service_secrets(
-                tls_server=self.tls_server, tls_client=self.tls_client, tls_ca=self.tls_ca, volumes=self.volume,
-                secrets=self.secret,
-            )
-        return ConvertOptions(
-            encrypt=self.encrypt,
-            authenticate=self.authenticate,
-            plain=self.plain,
-            heap=self.heap,
-            stack=self.stack,
-            threads=self.threads,
-            dlopen=self.dlopen,
-            allow_debug=self.allow_debug,
-            env=parse_env_option(self.env),
-            command=self.command,
-            session=self.session,
-            namespace=self.namespace,
-            service=self.service,
-            cas=self.cas,
-            las=self.las,
-            runtime=self.runtime,
-            **extra,
-        )
+        return options_from_flags(asdict(self))
 
     def source_reference(self) -> Reference:
         return parse_reference(self.source)

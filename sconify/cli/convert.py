@@ -12,41 +12,14 @@ from sconify.cli.options import make_transport_options, parse_platform, platform
 from sconify.cli.progress import progress_for
 from sconify.cli.render import emit_fields, emit_json, emit_table
 from sconify.image.reference import parse_reference
-from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions, parse_env_option
-from sconify.policy.secrets import parse_service_secrets
+from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions, options_from_flags
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
 
 
 def _options(kw: dict[str, Any]) -> ConvertOptions:
-    command = tuple(kw["command"]) if kw["command"] else None
-    if command is not None and len(command) == 1:
-        import shlex
-
-        command = tuple(shlex.split(command[0]))
-    return ConvertOptions(
-        encrypt=tuple(kw["encrypt"]),
-        authenticate=tuple(kw["authenticate"]),
-        plain=tuple(kw["plain"]),
-        heap=kw["heap"],
-        stack=kw["stack"],
-        threads=kw["threads"],
-        dlopen=kw["dlopen"],
-        allow_debug=kw["allow_debug"],
-        env=parse_env_option(kw["env"]),
-        command=command,
-        session=kw["name"],
-        namespace=kw["namespace"],
-        service=kw["service"],
-        cas=kw["cas"],
-        las=kw["las"],
-        runtime=kw["runtime"],
-        service_secrets=parse_service_secrets(
-            tls_server=kw["tls_server"], tls_client=kw["tls_client"], tls_ca=kw["tls_ca"],
-            volumes=kw["volume"], secrets=kw["secret"],
-        ),
-    )
+    return options_from_flags({**kw, "session": kw["name"]})
 
 
 @click.command()

@@ -41,7 +41,7 @@ from sconify.errors import (
 from sconify.image.model import Platform, sha256_digest
 from sconify.image.reference import DOCKER, OCI, Reference, parse_reference
 from sconify.image.transports import TransportOptions, open_destination, open_image
-from sconify.plan import DEFAULT_CAS, DEFAULT_LAS, ConvertOptions
+from sconify.plan import ConvertOptions, options_from_flags
 from sconify.secretfile import make_private_dir
 from sconify.service.config import ServiceConfig
 from sconify.service.jobs import ServiceJob, policy_dir_for
@@ -60,47 +60,10 @@ class _Stop(BaseException):
 
 
 def convert_options(options: dict[str, Any]) -> ConvertOptions:
-    """A route's ``options`` (the names of ``sconify convert``'s flags) as ``ConvertOptions``."""
-    from sconify.plan import parse_env_option
-
-    def strings(name: str) -> tuple[str, ...]:
-        value = options.get(name)
-        if value is None:
-            return ()
-        return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
-
-    env = options.get("env") or ()
-    if isinstance(env, dict):
-        env_pairs = tuple((str(k), str(v)) for k, v in env.items())
-    else:
-        env_pairs = parse_env_option([str(e) for e in env])
-    command = options.get("command")
-    if isinstance(command, str):
-        import shlex
-
-        command = tuple(shlex.split(command))
-    elif command is not None:
-        command = tuple(str(c) for c in command)
-    size = options.get
-    return ConvertOptions(
-        encrypt=strings("encrypt"),
-        authenticate=strings("authenticate"),
-        plain=strings("plain"),
-        heap=str(size("heap")) if size("heap") is not None else None,
-        stack=str(size("stack")) if size("stack") is not None else None,
-        threads=options.get("threads"),
-        dlopen=options.get("dlopen"),
-        allow_debug=bool(options.get("allow_debug", False)),
-        env=env_pairs,
-        command=command,
-        session=options.get("name"),
-        namespace=options.get("namespace"),
-        service=options.get("service"),
-        cas=options.get("cas") or DEFAULT_CAS,
-        las=options.get("las") or DEFAULT_LAS,
-        runtime=options.get("runtime"),
-        chunk_size=int(options.get("chunk_size") or ConvertOptions.chunk_size),
-    )
+    """A route's ``options`` (the names of ``sconify convert``'s flags; ``name`` is the session) as options."""
+    flags = {k.replace("-", "_"): v for k, v in options.items()}
+    flags.setdefault("session", flags.get("name"))
+    return options_from_flags(flags)
 
 
 def resolve_digest(registry: str, repository: str, tag: str, transport: TransportOptions) -> str:
