@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,7 +21,7 @@ from typing import Any
 
 from sconify import __version__
 from sconify.analyze.analysis import Analysis, analyze_image
-from sconify.analyze.files import HeaderCache
+from sconify.analyze.files import HeaderCache, ReadFingerprint
 from sconify.build.cache import LayerCache
 from sconify.build.layers import LayerBuilder, LayerOutput
 from sconify.build.runtime import Runtime, builtin_runtime, runtime_from_image, runtime_layer_entries, write_entries
@@ -88,6 +88,9 @@ class Prepared:
     analysis: Analysis
     scan: Scan
     plan: Plan
+    # Layers the analysis read without verifying them (``defer_verification``), with what each read saw;
+    # convert verifies each in full and checks that the analysis saw the verified bytes.
+    unverified: Mapping[int, tuple[ReadFingerprint, ...]] = field(default_factory=dict)
 
 
 def _created(image: Image, options: ConvertOptions) -> str:
@@ -122,17 +125,19 @@ def prepare(
     rules_dirs: Sequence[Path] = (),
     progress: Progress = SILENT,
     header_cache: HeaderCache | None = None,
+    defer_verification: bool = False,
 ) -> Prepared:
-    """Open, analyze, scan and plan; no output is written."""
+    """Open, analyze, scan and plan; no output is written. With ``defer_verification`` some layers may be read
+    unverified (see ``analyze_image``); the caller must then verify ``Prepared.unverified`` itself."""
     image = open_image(source, platform, transport)
     analyzed = analyze_image(
         with_command(image, options.command), load_rules(rules_dirs), source=str(source), progress=progress,
-        cache=header_cache,
+        cache=header_cache, defer_verification=defer_verification,
     )
     analysis = analyzed.analysis
     scan = scan_from(image, analyzed.tree, [h.entries for h in analyzed.headers])
     plan = make_plan(analysis, scan.layers, replace_created(options, _created(image, options)), scan.visible_paths())
-    return Prepared(image, analysis, scan, plan)
+    return Prepared(image, analysis, scan, plan, analyzed.unverified)
 
 
 def with_command(image: Image, command: Sequence[str] | None) -> Image:
@@ -424,9 +429,11 @@ def convert(
     extra_secrets = _load_yaml_list(secrets_file, "secrets")
     injections = _load_yaml_list(inject_file, "injection_files")
 
+    # The analysis may read local uncompressed layers in place without verifying them: the layer pass below
+    # verifies every one of them in full before anything is committed.
     prepared = prepare(
         source, options, platform=platform, transport=src_transport, rules_dirs=rules_dirs, progress=progress,
-        header_cache=cache,
+        header_cache=cache, defer_verification=True,
     )
     image, plan, scan = prepared.image, prepared.plan, prepared.scan
     check_service_secrets(options.service_secrets, plan.service, options.env, extra_secrets, injections)
@@ -447,10 +454,14 @@ def convert(
     try:
         t0 = time.monotonic()
         builder = LayerBuilder(
-            image, scan, regions, fspf_key, plan.chunk_size, dest, family, plan.executable, progress, cache
+            image, scan, regions, fspf_key, plan.chunk_size, dest, family, plan.executable, progress, cache,
+            compression=options.layer_compression, checks=prepared.unverified,
         )
         with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_LAYERS, len(plan.layers)))) as pool:
             outputs = list(pool.map(builder.build, plan.layers))
+            # Layers the analysis read unverified and the layer pass did not read in full: verify them now.
+            unchecked = [o.index for o in outputs if o.index in prepared.unverified and not o.verified]
+            list(pool.map(builder.verify_source, unchecked))
         timings["layers"] = time.monotonic() - t0
         executable = next((o.executable for o in outputs if o.executable is not None), None)
         if plan.executable and executable is None:

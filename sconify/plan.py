@@ -64,6 +64,8 @@ class ConvertOptions:
     las: str = DEFAULT_LAS
     runtime: str | None = None
     chunk_size: int = 65536
+    # How rewritten layers are written: "auto" (uncompressed when mostly ciphertext, else gzip), "gzip", "none".
+    layer_compression: str = "auto"
     created: str | None = None  # RFC 3339 time for new layers and the config (default: the source's)
     # Secrets, TLS files and encrypted volumes the session declares (--secret, --tls-*, --volume).
     service_secrets: ServiceSecrets = field(default_factory=ServiceSecrets)
@@ -240,8 +242,20 @@ def options_from_flags(values: Mapping[str, Any]) -> ConvertOptions:
         las=values.get("las") or DEFAULT_LAS,
         runtime=values.get("runtime"),
         chunk_size=int(values.get("chunk_size") or ConvertOptions.chunk_size),
+        layer_compression=_layer_compression(values.get("layer_compression")),
         **extra,
     )
+
+
+LAYER_COMPRESSIONS = ("auto", "gzip", "none")
+
+
+def _layer_compression(value: Any) -> str:
+    if value is None:
+        return "auto"
+    if value not in LAYER_COMPRESSIONS:
+        raise UsageError(f"the layer compression {value!r} is not one of {', '.join(LAYER_COMPRESSIONS)}; pick one.")
+    return str(value)
 
 
 def normalize_region_path(path: str) -> str:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_convert_support import decompressed
 
 from fixtures.builder import build_image
 
@@ -46,9 +47,7 @@ def test_second_conversion_is_served_from_the_cache_and_identical(tmp_path, keys
     # The cache holds ciphertext only: no marker of an encrypted file in any cached blob.
     markers = [b"SCONIFY-MARKER-busybox-sh-conf", b"SCONIFY-MARKER-busybox-sh-python"]
     for blob in (tmp_path / "cache").rglob("blob"):
-        import gzip
-
-        data = gzip.decompress(blob.read_bytes())
+        data = decompressed(blob.read_bytes())
         assert not any(m in data for m in markers)
 
 

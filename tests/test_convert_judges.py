@@ -58,8 +58,9 @@ def test_skopeo_inspects_and_copies_the_oci_output(busybox: Converted, tmp_path:
     assert info["Digest"] == busybox.result.digest
     assert len(info["Layers"]) == len(busybox.source.manifests[0].layers) + 2
     assert info["Architecture"] == "amd64" and info["Os"] == "linux"
-    # skopeo copy reads every blob and checks it against its digest.
-    skopeo("copy", ref, f"oci:{tmp_path / 'copy'}:latest")
+    # skopeo copy reads every blob and checks it against its digest (without --preserve-digests it would gzip
+    # the layers sconify stores uncompressed, and so change the digest).
+    skopeo("copy", "--preserve-digests", ref, f"oci:{tmp_path / 'copy'}:latest")
     assert layout_manifest(tmp_path / "copy")[0] == busybox.result.digest
 
 

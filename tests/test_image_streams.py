@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
+import zlib
 
 import pytest
 import zstandard
@@ -14,6 +16,7 @@ from sconify.image.model import Descriptor
 from sconify.image.streams import (
     DecompressingReader,
     GzipWriter,
+    TarWriter,
     VerifyingReader,
     detect_compression,
     open_verified_blob,
@@ -153,3 +156,48 @@ def test_background_gzip_writer_reports_a_failing_sink():
             w.write(os.urandom(1 << 20))
         w.close()
     w.abandon()
+
+
+def test_gzip_writer_stores_incompressible_bytes_in_one_ordinary_member():
+    parts = [(b"text " * 50000, False), (os.urandom(300000), True), (b"x" * 10, False), (os.urandom(65535), True),
+             (os.urandom(65536), True), (b"", True), (b"tail" * 1000, False)]
+    data = b"".join(p for p, _ in parts)
+    outs = []
+    for background in (False, True):
+        buf = io.BytesIO()
+        w = GzipWriter(buf, background=background)
+        for part, incompressible in parts:
+            (w.write_incompressible if incompressible else w.write)(part)
+        w.close()
+        outs.append(buf.getvalue())
+        assert w.diff_id == digest(data) and w.uncompressed_size == len(data)
+    assert outs[0] == outs[1]
+    blob = outs[0]
+    assert gzip.decompress(blob) == data
+    assert zlib.decompressobj(31).decompress(blob) == data
+    assert subprocess.run(["gzip", "-dc"], input=blob, capture_output=True, check=True).stdout == data
+    # the random parts are stored (a few bytes of framing per 64 KiB), the text is compressed
+    random_bytes = 300000 + 65535 + 65536
+    assert random_bytes < len(blob) < random_bytes + 2000
+
+
+def test_gzip_writer_without_incompressible_writes_matches_a_plain_isal_member():
+    from isal import isal_zlib
+
+    data = b"abc" * 100000 + os.urandom(1000)
+    buf = io.BytesIO()
+    w = GzipWriter(buf)
+    w.write(data)
+    w.close()
+    c = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+    assert buf.getvalue() == c.compress(data) + c.flush()
+
+
+def test_tar_writer_passes_bytes_through_and_leaves_the_diff_id_to_the_blob_digest():
+    for background in (False, True):
+        buf = io.BytesIO()
+        w = TarWriter(buf, background=background)
+        w.write(b"plain ")
+        w.write_incompressible(b"cipher")
+        w.close()
+        assert buf.getvalue() == b"plain cipher" and w.diff_id is None and w.uncompressed_size == 12

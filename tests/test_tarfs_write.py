@@ -263,3 +263,29 @@ def test_rewriting_a_gnu_tar_layer_keeps_everything(tmp_path: Path, fmt: str) ->
     compare = subprocess.run(["tar", *xattrs, "--compare", "-f", str(tmp_path / "re.tar"), "-C", str(src)],
                              capture_output=True, text=True)
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_content_that_says_it_is_incompressible_goes_to_the_sinks_raw_path() -> None:
+    class Sink:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def write(self, data: bytes) -> int:
+            self.calls.append(("write", len(data)))
+            return len(data)
+
+        def write_incompressible(self, data: bytes) -> int:
+            self.calls.append(("raw", len(data)))
+            return len(data)
+
+    class Cipher(io.BytesIO):
+        incompressible = True
+
+    sink = Sink()
+    w = LayerWriter(sink)
+    w.add(Entry.file("a", 100000, mtime=0), Cipher(b"c" * 100000))
+    w.add(Entry.file("b", 100000, mtime=0), io.BytesIO(b"p" * 100000))
+    w.add(Entry.file("c", 100, mtime=0), Cipher(b"s" * 100))  # too short to be worth a flush: compressed
+    w.close()
+    assert [n for kind, n in sink.calls if kind == "raw"] == [100000]
+    assert sum(n for _, n in sink.calls) == w.bytes_written

@@ -26,6 +26,7 @@ from test_convert_support import (
     Keys,
     blob_path,
     cached_conversion,
+    decompressed,
     keys,  # noqa: F401 (fixture)
     layout_manifest,
     real_runtime,
@@ -77,10 +78,10 @@ def _rewrite(layout: Path, *, layer: int | None = None, edit_tar: Callable[[byte
     _, manifest = layout_manifest(layout)
     config = json.loads(blob_path(layout, manifest["config"]["digest"]).read_bytes())
     if layer is not None and edit_tar is not None:
-        tar = gzip.decompress(blob_path(layout, manifest["layers"][layer]["digest"]).read_bytes())
-        tar = edit_tar(tar)
+        raw = blob_path(layout, manifest["layers"][layer]["digest"]).read_bytes()
+        tar = edit_tar(decompressed(raw))
         config["rootfs"]["diff_ids"][layer] = "sha256:" + hashlib.sha256(tar).hexdigest()
-        digest, size = _put_blob(layout, gzip.compress(tar, mtime=0))
+        digest, size = _put_blob(layout, gzip.compress(tar, mtime=0) if raw[:2] == b"\x1f\x8b" else tar)
         manifest["layers"][layer].update(digest=digest, size=size)
     if edit_config is not None:
         edit_config(config)
@@ -122,8 +123,8 @@ def _sealed(converted: Converted, path: str) -> bytes:
     """The stored (sealed) bytes of ``path`` from the output layer that holds it."""
     _, manifest = layout_manifest(converted.layout)
     for desc in reversed(manifest["layers"]):
-        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob_path(converted.layout, desc["digest"])
-                                                             .read_bytes()))) as tar:
+        with tarfile.open(fileobj=io.BytesIO(decompressed(blob_path(converted.layout, desc["digest"])
+                                                          .read_bytes()))) as tar:
             try:
                 member = tar.getmember(path)
             except KeyError:
@@ -136,8 +137,8 @@ def _rewritten_layer_with(converted: Converted, path: str) -> int:
     for action in converted.result.report["layers"]:
         if action["result"] == "rewritten":
             _, manifest = layout_manifest(converted.layout)
-            tar = gzip.decompress(blob_path(converted.layout, manifest["layers"][action["index"]]["digest"])
-                                  .read_bytes())
+            tar = decompressed(blob_path(converted.layout, manifest["layers"][action["index"]]["digest"])
+                               .read_bytes())
             with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
                 if path in archive.getnames():
                     return action["index"]

@@ -26,7 +26,15 @@ from sconify.analyze.command import (
     working_dir,
 )
 from sconify.analyze.elf import ElfInfo, Library, SearchContext, parse_ld_so_conf, search_library
-from sconify.analyze.files import FileContent, HeaderCache, LayerCounts, LayerHeaders, LayerReader, ReadStats
+from sconify.analyze.files import (
+    FileContent,
+    HeaderCache,
+    LayerCounts,
+    LayerHeaders,
+    LayerReader,
+    ReadFingerprint,
+    ReadStats,
+)
 from sconify.analyze.findings import Finding
 from sconify.analyze.interpreters import SYSTEM_DIRS, Interpreter, app_root, describe_interpreter
 from sconify.analyze.view import ImageView, absolute
@@ -348,6 +356,9 @@ class AnalyzedImage:
     analysis: Analysis
     tree: FileTree
     headers: tuple[LayerHeaders, ...]
+    # Layers read without verification (only with ``defer_verification``), with what each read saw: the caller
+    # verifies every one in full and checks the fingerprints against the verified bytes.
+    unverified: Mapping[int, tuple[ReadFingerprint, ...]] = field(default_factory=dict)
 
 
 def analyze_image(
@@ -357,10 +368,16 @@ def analyze_image(
     source: str | None = None,
     progress: Progress = SILENT,
     cache: HeaderCache | None = None,
+    defer_verification: bool = False,
 ) -> AnalyzedImage:
-    """``analyze``, also returning the merged tree and each layer's headers."""
+    """``analyze``, also returning the merged tree and each layer's headers.
+
+    With ``defer_verification``, uncompressed local layers are read in place without verifying them; the
+    result's ``unverified`` names them and the caller must read each in full, verified, before it writes
+    anything that depends on the analysis (the converter does).
+    """
     ruleset = rules if rules is not None else load_rules()
-    reader = LayerReader(image, progress=progress, cache=cache)
+    reader = LayerReader(image, progress=progress, cache=cache, defer_verification=defer_verification)
     tree, captured, counts = reader.header_pass()
     summary = summarize_tree(tree, image, counts)
     contents: dict[tuple[int, str], FileContent] = dict(captured)
@@ -384,7 +401,8 @@ def analyze_image(
         warnings = (*warnings, Finding("analysis-incomplete", f"sconify stopped after {MAX_ROUNDS} read rounds "
                                        f"with {len(view.wants)} files unread; the analysis may miss libraries."))
     analysis = Analysis(**{**derived, "warnings": warnings}, tree=summary, reads=ReadSummary.of(reader.stats))
-    return AnalyzedImage(analysis, tree, tuple(reader.headers))
+    unverified = {i: tuple(reader.fingerprints.get(i, ())) for i in sorted(reader.unverified)}
+    return AnalyzedImage(analysis, tree, tuple(reader.headers), unverified)
 
 
 # ------------------------------------------------------------------------------------------------ deriving

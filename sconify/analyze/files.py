@@ -2,14 +2,19 @@
 batched fetches of the few file contents the analysis needs, each from the layer that supplied the file.
 
 Every byte read is counted (compressed blob bytes, uncompressed tar bytes, content bytes looked at), and every
-layer read runs to its end so that the blob's digest, size and DiffID are verified. In the header pass a few
-small files are captured on the way (passwd, group, ld.so.conf, os-release) together with the first bytes of
-every executable file, which is enough to follow symlinks, shebangs and ELF identities without another read.
+layer read runs to its end so that the blob's digest, size and DiffID are verified. A converter, which reads and
+verifies every layer again before it writes anything, may defer that verification: an uncompressed layer stored
+locally is then read in place and file contents are skipped by seeking (``defer_verification``).
+
+In the header pass a few small files are captured on the way (passwd, group, ld.so.conf, os-release) together
+with the first bytes of every executable file, which is enough to follow symlinks, shebangs and ELF identities
+without another read.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import logging
 import tempfile
@@ -21,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from sconify.analyze.elf import ElfInfo, is_elf, parse_elf, scan_markers
+from sconify.errors import SconifyError
 from sconify.image.model import BlobSource, Descriptor, Image, Layer, Readable
-from sconify.image.streams import CHUNK
+from sconify.image.streams import CHUNK, ReadStream
 from sconify.image.tarfs.entry import Entry, EntryKind
 from sconify.image.tarfs.reader import EntryContent, read_layer
 from sconify.image.tree import FileTree
@@ -79,7 +85,7 @@ class LayerCounts:
     regular_bytes: int
 
 
-class _CountingReader(io.RawIOBase):
+class _CountingReader(ReadStream):
     """A read-only stream that adds the size of every read to a counter."""
 
     def __init__(self, raw: Readable, add: Callable[[int], None]) -> None:
@@ -87,19 +93,11 @@ class _CountingReader(io.RawIOBase):
         self._raw = raw
         self._add = add
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int | None = -1) -> bytes:
         data = self._raw.read(n if n is not None else -1)
         if data:
             self._add(len(data))
         return data
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         try:
@@ -108,6 +106,84 @@ class _CountingReader(io.RawIOBase):
                 close()
         finally:
             super().close()
+
+
+@dataclass(frozen=True)
+class ReadFingerprint:
+    """What one unverified read of a blob saw: the byte ranges it read, in order, and a SHA-256 of their bytes.
+
+    A later verified read of the whole blob hashes the same ranges (``sconify.image.streams.RangeCheck``): equal
+    hashes prove that the unverified read saw the verified bytes, so what was learnt from it stands.
+    """
+
+    ranges: tuple[tuple[int, int], ...]  # (offset, length), ascending, adjacent ranges merged
+    sha256: str
+
+
+class _LocalTar(ReadStream):
+    """An uncompressed layer read in place without verification; file contents are skipped by seeking.
+
+    Only for readers whose every layer read this way is verified in full later, before anything that depends
+    on it is written (``LayerReader.unverified`` names them); the ranges read and their hash are handed to
+    ``done`` on close as a ``ReadFingerprint`` for that check.
+    """
+
+    def __init__(
+        self,
+        raw: BinaryIO,
+        size: int,
+        add: Callable[[int], None],
+        skipped: Callable[[int], None],
+        done: Callable[[ReadFingerprint], None],
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._left = size
+        self._add = add
+        self._skipped = skipped
+        self._done = done
+        self._pos = 0
+        self._ranges: list[list[int]] = []
+        self._hash = hashlib.sha256()
+
+    def read(self, n: int | None = -1) -> bytes:
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._raw.read(want) if want else b""
+        if data:
+            self._hash.update(data)
+            if self._ranges and self._ranges[-1][0] + self._ranges[-1][1] == self._pos:
+                self._ranges[-1][1] += len(data)
+            else:
+                self._ranges.append([self._pos, len(data)])
+            self._pos += len(data)
+            self._left -= len(data)
+            self._add(len(data))
+        return data
+
+    def skip(self, n: int) -> int:
+        """Move ``n`` bytes ahead (fewer at the end of the blob); returns how many."""
+        n = min(n, self._left)
+        self._raw.seek(n, io.SEEK_CUR)
+        self._pos += n
+        self._left -= n
+        self._skipped(n)
+        return n
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+            self._done(ReadFingerprint(tuple((a, b) for a, b in self._ranges), self._hash.hexdigest()))
+
+
+def _seekable(raw: object) -> bool:
+    try:
+        return bool(raw.seekable())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 class _CountingSource:
@@ -181,9 +257,15 @@ class LayerReader:
         stats: ReadStats | None = None,
         progress: Progress = SILENT,
         cache: HeaderCache | None = None,
+        defer_verification: bool = False,
     ) -> None:
         self.image = image
         self.cache = cache
+        self.defer_verification = defer_verification
+        # Layers read without verification (``defer_verification``): the caller must verify each in full and
+        # check that every unverified read saw the verified bytes (``fingerprints``).
+        self.unverified: set[int] = set()
+        self.fingerprints: dict[int, list[ReadFingerprint]] = {}
         self.headers: list[LayerHeaders] = []
         self._lock = threading.Lock()
         self.layers: tuple[Layer, ...] = image.layers
@@ -206,15 +288,49 @@ class LayerReader:
         with self._lock:
             self.stats.uncompressed_bytes += n
 
-    def open_tar(self, index: int) -> BinaryIO:
+    def _add_skipped(self, n: int) -> None:
+        with self._lock:
+            if self._task is not None:
+                self._task.update(n)
+
+    def _add_local(self, n: int) -> None:
+        self._add_compressed(n)
+        self._add_uncompressed(n)
+
+    def open_tar(self, index: int, *, verified: bool = False) -> BinaryIO:
         layer = self.layers[index]
         with self._lock:
             self.stats.layer_reads[index] += 1
+        # An uncompressed blob (its digest is its DiffID) stored locally can be read in place, unverified.
+        if self.defer_verification and not verified and layer.descriptor.digest == layer.diff_id:
+            raw = layer.source.open_blob(layer.descriptor)
+            if _seekable(raw):
+                with self._lock:
+                    self.unverified.add(index)
+
+                def done(fingerprint: ReadFingerprint) -> None:
+                    with self._lock:
+                        self.fingerprints.setdefault(index, []).append(fingerprint)
+
+                return _LocalTar(raw, layer.descriptor.size, self._add_local, self._add_skipped, done)  # type: ignore[return-value]
+            raw.close()
         counted = Layer(layer.descriptor, layer.diff_id, _CountingSource(layer.source, self._add_compressed))
         return _CountingReader(counted.open_tar(), self._add_uncompressed)  # type: ignore[return-value]
 
     def scan_layer(self, index: int) -> LayerHeaders:
         """One layer's entries, the contents captured on the way, and its counts (one read of the blob)."""
+        try:
+            return self._scan_layer(index, verified=False)
+        except SconifyError:
+            with self._lock:
+                if index not in self.unverified:
+                    raise
+                self.unverified.discard(index)
+                self.fingerprints.pop(index, None)
+            # Read unverified, the layer did not parse: a verified read tells a tampered blob from a bad one.
+            return self._scan_layer(index, verified=True)
+
+    def _scan_layer(self, index: int, *, verified: bool) -> LayerHeaders:
         captured: dict[str, FileContent] = {}
         entries: list[Entry] = []
         heads = script_bytes = 0
@@ -226,7 +342,7 @@ class LayerReader:
             return _is_prefetched(entry.path) or (bool(entry.mode & 0o111) and heads < MAX_HEADS)
 
         stats = ReadStats()  # per layer, added to the reader's under the lock (layers are read in parallel)
-        with closing(self.open_tar(index)) as stream:
+        with closing(self.open_tar(index, verified=verified)) as stream:
             for entry, content in read_layer(stream, what=self._what(index), needed=wanted):
                 n += 1
                 entries.append(entry)
@@ -269,7 +385,7 @@ class LayerReader:
             if cached is not None:
                 return cached
             headers = self.scan_layer(index)
-            if self.cache is not None:
+            if self.cache is not None and index not in self.unverified:  # only verified scans are kept
                 self.cache.put(digest, headers)
             return headers
 
@@ -298,14 +414,26 @@ class LayerReader:
         out: dict[tuple[int, str], FileContent] = {}
         for index in sorted(by_layer):
             paths = by_layer[index]
-            with closing(self.open_tar(index)) as stream:
-                for entry, content in read_layer(stream, what=self._what(index),
-                                                 needed=lambda e, p=paths: e.path in p):  # type: ignore[misc]
-                    if content is not None:
-                        # A later member of the same path in one layer replaces the earlier one, as in the tree.
-                        out[(index, entry.path)] = _read_content(content, entry.size, entry.path, self.stats)
-                        self.stats.files_fetched += 1
+            try:
+                found = self._fetch_from(index, paths, verified=False)
+            except SconifyError:
+                if index not in self.unverified:
+                    raise
+                # It stays listed: the failed read's fingerprint must match the verified bytes (it cannot, if
+                # the blob changed between the reads, and then the conversion stops).
+                found = self._fetch_from(index, paths, verified=True)
+            out.update(found)
             for path in paths:
                 if (index, path) not in out:
                     log.debug("%s has no content for %s", self._what(index), path)
+        return out
+
+    def _fetch_from(self, index: int, paths: set[str], *, verified: bool) -> dict[tuple[int, str], FileContent]:
+        out: dict[tuple[int, str], FileContent] = {}
+        with closing(self.open_tar(index, verified=verified)) as stream:
+            for entry, content in read_layer(stream, what=self._what(index), needed=lambda e: e.path in paths):
+                if content is not None:
+                    # A later member of the same path in one layer replaces the earlier one, as in the tree.
+                    out[(index, entry.path)] = _read_content(content, entry.size, entry.path, self.stats)
+                    self.stats.files_fetched += 1
         return out

@@ -66,6 +66,7 @@ OPTION_SCHEMAS: dict[str, dict[str, Any]] = {
     "threads": {"type": "integer", "minimum": 1},
     "dlopen": {"enum": ["off", "protected", "unprotected"]},
     "allow-debug": {"type": "boolean"},
+    "layer-compression": {"enum": ["auto", "gzip", "none"]},
     "env": {
         "oneOf": [
             {"type": "object", "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
@@ -145,6 +146,7 @@ class JobSpec:
     threads: int | None = None
     dlopen: str | None = None
     allow_debug: bool = False
+    layer_compression: str = "auto"
     env: tuple[str, ...] = ()  # NAME=VALUE, in order
     command: tuple[str, ...] | None = None
     session: str | None = None
@@ -360,6 +362,7 @@ def spec_from_fields(name: str, values: Mapping[str, Any], base: Path) -> JobSpe
         threads=get("threads"),
         dlopen=get("dlopen"),
         allow_debug=bool(get("allow-debug")),
+        layer_compression=get("layer-compression") or "auto",
         env=_env(get("env")),
         command=_command(get("command")),
         session=get("session"),

@@ -7,28 +7,31 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from sconify.build.cache import CachedLayer, LayerCache
 from sconify.build.scan import Scan
 from sconify.errors import ConversionError
-from sconify.fspf.crypto import VolumeKey
+from sconify.fspf.crypto import SourcePosition, VolumeKey
 from sconify.fspf.format import RegionMode, RegionTable
 from sconify.fspf.writer import SealingStream, volume_path
 from sconify.image import mediatypes as mt
 from sconify.image.copy import transfer_layer
-from sconify.image.model import Descriptor, Image, Readable
-from sconify.image.streams import CHUNK, GzipWriter
+from sconify.image.model import Descriptor, Image, Layer, Readable
+from sconify.image.streams import CHUNK, CheckedSource, GzipWriter, RangeFingerprint, TarWriter
 from sconify.image.tarfs import Entry, EntryKind, LayerWriter, read_layer
 from sconify.image.transports.base import Destination
-from sconify.plan import LayerAction
+from sconify.plan import LAYER_COMPRESSIONS, LayerAction
 from sconify.progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
 MAX_EXECUTABLE = 1 << 30  # the measured program is read whole; refuse absurd sizes
+# ``auto`` stores a rewritten layer uncompressed when at least this share of its content is ciphertext: gzip
+# could then save at most the rest, and pays a compression pass and a second hash over the whole layer.
+CIPHERTEXT_SHARE_UNCOMPRESSED = 0.75
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class LayerOutput:
     records: tuple[ProtectedRecord, ...]
     executable: bytes | None = None
     uncompressed_size: int | None = None
+    verified: bool = False  # the source blob was read in full and verified while building this output
 
 
 class _Collector:
@@ -101,7 +105,14 @@ class LayerBuilder:
         executable: str | None,
         progress: Progress = SILENT,
         cache: LayerCache | None = None,
+        compression: str = "auto",
+        checks: Mapping[int, Sequence[RangeFingerprint]] | None = None,
     ) -> None:
+        if compression not in LAYER_COMPRESSIONS:
+            raise ValueError(f"unknown layer compression {compression!r}")
+        self.compression = compression
+        # Source layers the analysis read unverified: every read of them here also checks what it saw.
+        self.checks = dict(checks or {})
         self.image = image
         self.scan = scan
         self.regions = regions
@@ -153,9 +164,10 @@ class LayerBuilder:
                 "regions": [(r.prefix.hex(), int(r.mode)) for r in self.regions.regions],
                 "key_id": self.key.key_id.hex(),
                 "chunk_size": self.chunk_size,
+                "nonces": "position v1",
                 "program": self.executable if supplies_program else None,
                 "family": self.family,
-                "compression": self.dest.preferred_compression,
+                "compression": self._output_compression(action),
                 "accepted": sorted(self.dest.accepted_compressions),
             }
         )
@@ -190,11 +202,25 @@ class LayerBuilder:
         )
         return out
 
+    def _layer(self, index: int) -> Layer:
+        """Source layer ``index``, read through a check of the analysis's unverified reads where there were any."""
+        layer = self.image.layers[index]
+        prints = self.checks.get(index)
+        if not prints:
+            return layer
+        return Layer(layer.descriptor, layer.diff_id, CheckedSource(layer.source, {layer.descriptor.digest: prints}))
+
+    def verify_source(self, index: int) -> None:
+        """Read source layer ``index`` in full, verified against its digest and size (nothing is kept)."""
+        layer = self._layer(index)
+        with self.progress.task(f"verify layer {index}", layer.descriptor.size) as bar, layer.open_blob() as blob:
+            _drain(_Counting(blob, bar.update))
+
     def _mode_of_path(self, path: str | None) -> RegionMode:
         return self.regions.mode_for(volume_path(path)) if path else RegionMode.NOT_PROTECTED
 
     def _from_cache(self, action: LayerAction, hit: CachedLayer) -> LayerOutput:
-        layer = self.image.layers[action.index]
+        layer = self._layer(action.index)
         if hit.blob is not None:
             link = getattr(self.dest, "link_blob", None)  # local layouts share the cache's file instead of a copy
             if not self.dest.has_blob(hit.descriptor) and not (link is not None and link(hit.descriptor, hit.blob)):
@@ -205,11 +231,12 @@ class LayerBuilder:
                     self.dest.put_blob(hit.descriptor, f, bar.update)  # type: ignore[arg-type]
             return LayerOutput(action.index, hit.descriptor, hit.diff_id, "cached", hit.records, hit.executable)
         copy = transfer_layer(layer, self.dest, self.family, self.progress)
-        return LayerOutput(action.index, copy.written, layer.diff_id, "cached", hit.records, hit.executable)
+        return LayerOutput(action.index, copy.written, layer.diff_id, "cached", hit.records, hit.executable,
+                           verified=copy.action in _READ_IN_FULL)
 
     def _build(self, action: LayerAction, spool: BinaryIO | None) -> LayerOutput:
         index = action.index
-        layer = self.image.layers[index]
+        layer = self._layer(index)
         what = f"layer {index} ({layer.descriptor.digest}) of {self.image.name or 'the image'}"
         needs_stream = index in self._shielded_layers
         records: list[ProtectedRecord] = []
@@ -218,24 +245,28 @@ class LayerBuilder:
         if action.action == "reuse":
             copy = transfer_layer(layer, self.dest, self.family, self.progress)
             if not needs_stream:
-                return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], ())
+                return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], (),
+                                   verified=copy.action in _READ_IN_FULL)
             with self.progress.task(f"shield layer {index}", None) as bar, layer.open_tar() as tar:
                 for entry, content in read_layer(tar, what=what, needed=lambda e: self._needs_content(index, e)):
+                    offset = content.offset if content is not None else 0
                     if self._visible(index, entry) and entry.path == self.executable:
                         executable = self._executable_bytes(entry, content)
                         content = io.BytesIO(executable)  # type: ignore[assignment]
-                    rec = self._protect(index, entry, content, collector, bar.update)
+                    rec = self._protect(index, entry, content, offset, collector, bar.update)
                     if rec is not None:
                         records.append(rec)
                         if rec.chunks is None and entry.kind is EntryKind.REGULAR:
                             raise AssertionError("a regular protected entry must be sealed")
-            return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], tuple(records), executable)
+            return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], tuple(records), executable,
+                               verified=True)
         # Rewrite: the same entries in the same order, encrypted contents sealed, hidden encrypted copies dropped.
-        writer = self.dest.new_blob(mt.layer_type(self.family, mt.GZIP))
+        compression = self._output_compression(action)
+        writer = self.dest.new_blob(mt.layer_type(self.family, compression))
         if spool is not None:
             writer = _Tee(writer, spool)
         # Compression and hashing run beside the tar parsing and sealing: two cores for one layer.
-        gz = GzipWriter(writer, background=True)
+        gz = GzipWriter(writer, background=True) if compression == mt.GZIP else TarWriter(writer, background=True)
         try:
             with self.progress.task(f"rewrite layer {index}", None) as bar, layer.open_tar() as tar:
                 out = LayerWriter(gz, what=f"the rewritten {what}")
@@ -248,10 +279,11 @@ class LayerBuilder:
                         and entry.kind in (EntryKind.REGULAR, EntryKind.HARDLINK)
                     ):
                         continue  # an older copy hidden by an upper layer: its plaintext must not ship
+                    offset = content.offset if content is not None else 0
                     if visible and entry.path == self.executable:
                         executable = self._executable_bytes(entry, content)
                         content = io.BytesIO(executable)  # type: ignore[assignment]
-                    rec = self._protect(index, entry, content, collector, bar.update, out)
+                    rec = self._protect(index, entry, content, offset, collector, bar.update, out)
                     if rec is not None:
                         records.append(rec)
                     elif entry.kind is EntryKind.REGULAR:
@@ -265,7 +297,21 @@ class LayerBuilder:
             writer.abort()
             raise
         desc = writer.commit()
-        return LayerOutput(index, desc, gz.diff_id, "rewritten", tuple(records), executable, gz.uncompressed_size)
+        diff_id = gz.diff_id or desc.digest  # an uncompressed layer's DiffID is its digest
+        return LayerOutput(index, desc, diff_id, "rewritten", tuple(records), executable, gz.uncompressed_size,
+                           verified=True)
+
+    def _output_compression(self, action: LayerAction) -> str:
+        """How a rewritten layer is written: gzip (ciphertext in stored blocks) or an uncompressed tar."""
+        accepted = self.dest.accepted_compressions
+        if self.dest.preferred_compression == mt.NONE or self.compression == "none" and mt.NONE in accepted:
+            return mt.NONE
+        if self.compression == "gzip" or mt.NONE not in accepted:
+            return mt.GZIP
+        content = sum(size for _, size, _ in self.scan.layers[action.index].files)
+        if content and action.encrypted_bytes >= CIPHERTEXT_SHARE_UNCOMPRESSED * content:
+            return mt.NONE
+        return mt.GZIP
 
     def _needs_content(self, index: int, entry: Entry) -> bool:
         if entry.kind is not EntryKind.REGULAR or not self._visible(index, entry):
@@ -277,11 +323,17 @@ class LayerBuilder:
         index: int,
         entry: Entry,
         content: Readable | None,
+        offset: int,
         collector: _Collector,
         update: Callable[[int], None],
         out: LayerWriter | None = None,
     ) -> ProtectedRecord | None:
-        """Seal one visible protected entry (writing it to ``out`` when rewriting); None if not protected."""
+        """Seal one visible protected entry (writing it to ``out`` when rewriting); None if not protected.
+
+        Nonces name the content's place in the source layer (its DiffID and ``offset``, where the content
+        starts in the tar stream): the layer is read verified to its end before anything made from it is
+        committed, so that place determines the plaintext (docs/fspf.md, section 3.4).
+        """
         if not self._visible(index, entry) or not entry.path:
             return None
         mode = self._mode(entry)
@@ -293,7 +345,9 @@ class LayerBuilder:
             return ProtectedRecord(entry)
         path = volume_path(entry.path)
         source = _Counting(content, update) if content is not None else None
-        stream = SealingStream(collector, path, entry.size, source, self.key.chunk_cipher(path, mode, self.chunk_size))  # type: ignore[arg-type]
+        position = SourcePosition(self.image.layers[index].diff_id, offset)
+        cipher = self.key.chunk_cipher(path, mode, self.chunk_size, position)
+        stream = SealingStream(collector, path, entry.size, source, cipher)  # type: ignore[arg-type]
         if out is not None:
             out.add(entry, stream)
         else:
@@ -321,3 +375,4 @@ class _Tee:
 
 
 _ACTIONS = {"present": "present", "mounted": "mounted", "copied": "reused", "converted": "recompressed"}
+_READ_IN_FULL = frozenset({"copied", "converted"})  # transfer actions that stream the source blob, verified

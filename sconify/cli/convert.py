@@ -61,6 +61,9 @@ def _options(kw: dict[str, Any]) -> ConvertOptions:
 @click.option("--tls-ca", multiple=True, metavar="PATH", help="Inject the application's CA certificate at PATH.")
 @click.option("--volume", multiple=True, metavar="NAME:/PATH",
               help="An encrypted volume at /PATH whose key the CAS generates; a PVC in the chart (repeatable).")
+@click.option("--layer-compression", type=click.Choice(["auto", "gzip", "none"]), default="auto", show_default=True,
+              help="How rewritten layers are stored: auto keeps a layer that is mostly ciphertext uncompressed "
+              "(it cannot shrink) and gzips the others with ciphertext in stored blocks.")
 @click.option("--cache", "cache_dir", type=_DIR, envvar="SCONIFY_CACHE", metavar="DIR",
               help="Keep per-layer work here and reuse it (default: $SCONIFY_CACHE; none when unset).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")

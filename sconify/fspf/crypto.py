@@ -7,6 +7,10 @@ This is the only module that sees key material. Suite 1 (docs/fspf.md, "Cryptogr
 - A chunk's nonce is synthetic: the first 12 bytes of ``HMAC-SHA256(siv key, u64 index || plaintext)``.
   Reusing a volume key on purpose (for reproducible output) therefore never reuses a nonce for different
   data; equal inputs give equal outputs, which is what reproducibility asks for.
+- Content taken from a verified source (a layer's tar stream, named by its DiffID) may instead be named by
+  its position: ``HMAC-SHA256(siv key, "layer\0" || DiffID || u64 offset || u64 index)``; the position
+  determines the plaintext, so this too never pairs one nonce with two plaintexts, and costs no pass over
+  the content (docs/fspf.md, section 3.4).
 - Chunks and metadata are sealed with AES-256-GCM under these nonces.
 """
 
@@ -40,6 +44,9 @@ HKDF_SALT = b"sconify-fspf v1"
 INFO_KEY_ID = b"key id"
 INFO_METADATA = b"metadata"
 INFO_FILE = b"file"
+# Position nonces (section 3.4): the input begins with this label. Synthetic inputs begin with a u64 chunk
+# index, which would have to exceed 2^56 to spell it, so the two kinds of input never meet.
+POSITION_LABEL = b"layer\0"
 
 # cryptography >= 45 writes into caller buffers; older versions allocate, which is slower but equal.
 _HAS_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
@@ -51,6 +58,20 @@ class ChunkRejected(Exception):
     def __init__(self, index: int) -> None:
         super().__init__(index)
         self.index = index
+
+
+@dataclass(frozen=True)
+class SourcePosition:
+    """Where a file's content starts in a verified source stream: a layer's DiffID and a byte offset."""
+
+    diff_id: str  # "sha256:<hex>"
+    offset: int
+
+    def nonce_prefix(self) -> bytes:
+        algorithm, _, hexdigest = self.diff_id.partition(":")
+        if algorithm != "sha256" or len(hexdigest) != 64:
+            raise ValueError(f"a source position needs a sha256 DiffID, not {self.diff_id!r}")
+        return POSITION_LABEL + bytes.fromhex(hexdigest) + struct.pack("<Q", self.offset)
 
 
 class VolumeKey:
@@ -103,13 +124,23 @@ class VolumeKey:
     def _expand(self, info: bytes, length: int) -> bytes:
         return HKDFExpand(hashes.SHA256(), length, info).derive(self._prk)
 
-    def chunk_cipher(self, path: bytes, mode: RegionMode, chunk_size: int) -> ChunkCipher:
-        """The cipher for the chunks of the file whose content is stored at volume path ``path``."""
+    def chunk_cipher(
+        self, path: bytes, mode: RegionMode, chunk_size: int, position: SourcePosition | None = None
+    ) -> ChunkCipher:
+        """The cipher for the chunks of the file whose content is stored at volume path ``path``.
+
+        Without ``position`` the nonces are synthetic (a MAC of each chunk's plaintext). With it they name
+        the chunk's place in a verified source stream; the caller must then seal exactly the bytes found
+        there, and must not let any output made from them be committed unless that stream verified.
+        """
         if not mode.protected:
             raise ValueError("not-protected files have no cipher")
         info = INFO_FILE + struct.pack("<BI", mode, len(path)) + path
         material = self._expand(info, 2 * KEY_SIZE)
-        return ChunkCipher(material[:KEY_SIZE], material[KEY_SIZE:], mode is RegionMode.ENCRYPTED, chunk_size)
+        return ChunkCipher(
+            material[:KEY_SIZE], material[KEY_SIZE:], mode is RegionMode.ENCRYPTED, chunk_size,
+            position.nonce_prefix() if position is not None else None,
+        )
 
     def seal_metadata(self, header: Header, body: bytes) -> tuple[bytes, bytes]:
         """Seal the metadata body under ``header``; returns (the whole metadata file, the volume tag)."""
@@ -132,11 +163,14 @@ def _split(material: bytes) -> tuple[bytes, bytes]:
 class ChunkCipher:
     """Seals and opens the chunks of one file; the buffers are the caller's, to avoid copies."""
 
-    __slots__ = ("_aead", "_siv", "encrypted", "chunk_size")
+    __slots__ = ("_aead", "_siv", "_positional", "encrypted", "chunk_size")
 
-    def __init__(self, enc_key: bytes, siv_key: bytes, encrypted: bool, chunk_size: int) -> None:
+    def __init__(
+        self, enc_key: bytes, siv_key: bytes, encrypted: bool, chunk_size: int, position: bytes | None = None
+    ) -> None:
         self._aead = AESGCM(enc_key)
-        self._siv = hmac.new(siv_key, digestmod=hashlib.sha256)
+        self._siv = hmac.new(siv_key, position or b"", digestmod=hashlib.sha256)
+        self._positional = position is not None
         self.encrypted = encrypted
         self.chunk_size = chunk_size
 
@@ -151,6 +185,7 @@ class ChunkCipher:
         total = len(data)
         aead = self._aead
         base = self._siv
+        synthetic = not self._positional
         encrypted = self.encrypted
         e = 0
         for index, offset in enumerate(range(0, total, size), first_index):
@@ -158,7 +193,8 @@ class ChunkCipher:
             chunk = data[offset:end]
             mac = base.copy()
             mac.update(index.to_bytes(8, "little"))
-            mac.update(chunk)
+            if synthetic:
+                mac.update(chunk)
             nonce = mac.digest()[:NONCE_SIZE]
             entries[e : e + NONCE_SIZE] = nonce
             if encrypted:

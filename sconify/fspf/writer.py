@@ -336,6 +336,25 @@ class SealingStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    @property
+    def incompressible(self) -> bool:
+        """Whether the stored bytes are ciphertext (a layer writer then stores them without compressing)."""
+        return self._cipher.encrypted
+
+    def read(self, n: int | None = -1) -> bytes:
+        """Up to ``n`` stored bytes, copied once out of the sealed batch."""
+        if n is None or n < 0:
+            return self.readall()
+        if not self._view:
+            if self.done:
+                return b""
+            self._fill()
+        data = bytes(self._view[:n])
+        self._view = self._view[len(data) :]
+        if not self._view and self._remaining == 0 and not self.done:
+            self._complete()
+        return data
+
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if not self._view:
             if self.done:

@@ -12,8 +12,8 @@ import io
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import BinaryIO, Protocol
 
 import zstandard
 from isal import isal_zlib
@@ -50,7 +50,19 @@ def _hasher(digest: str) -> hashlib._Hash:
     return hashlib.sha512() if algorithm == "sha512" else hashlib.sha256()
 
 
-class VerifyingReader(io.RawIOBase):
+class ReadStream(io.RawIOBase):
+    """A read-only stream defined by its ``read``; ``readinto`` copies from it (for callers that use either)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class VerifyingReader(ReadStream):
     """A read-only stream that checks the bytes it passes against an expected digest and size.
 
     A blob longer than its size fails as soon as the excess arrives; a wrong digest or a short blob fails at
@@ -77,15 +89,6 @@ class VerifyingReader(io.RawIOBase):
         self._observers = observers
         self._at_end = at_end
         self.head = b""  # the first bytes seen, for compression detection after the fact
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n
 
     def read(self, n: int | None = -1) -> bytes:
         if self._done:
@@ -349,6 +352,86 @@ def open_verified_tar(source: BlobSource, desc: Descriptor, diff_id: str) -> Dec
     return DecompressingReader(blob, what, verify=verify)  # type: ignore[arg-type]
 
 
+class RangeFingerprint(Protocol):
+    """Byte ranges of a blob, (offset, length) in ascending order, and the SHA-256 hex of their bytes."""
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+class RangeCheck(ReadStream):
+    """Passes a blob's bytes through and, at its end, checks that the given ranges hold the bytes an earlier,
+    unverified read saw there (their SHA-256). Under a verifying reader this proves the earlier read saw
+    verified bytes; a difference raises IntegrityError: the blob changed between the two reads."""
+
+    def __init__(self, raw: BinaryIO, prints: Sequence[RangeFingerprint], what: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self._what = what
+        self._pos = 0
+        self._checked = False
+        # Per fingerprint: its ranges, the index of the next range, and a running hash.
+        self._states = [(p, [0], hashlib.sha256()) for p in prints]
+
+    def read(self, n: int | None = -1) -> bytes:
+        data = self._raw.read(-1 if n is None else n)
+        if not data:
+            self._check()
+            return data
+        start, end = self._pos, self._pos + len(data)
+        view = memoryview(data)
+        for fingerprint, at, hasher in self._states:
+            ranges = fingerprint.ranges
+            while at[0] < len(ranges):
+                offset, length = ranges[at[0]]
+                if offset >= end:
+                    break
+                lo, hi = max(offset, start), min(offset + length, end)
+                if lo < hi:
+                    hasher.update(view[lo - start : hi - start])
+                if offset + length > end:
+                    break
+                at[0] += 1
+        self._pos = end
+        return data
+
+    def _check(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        for fingerprint, at, hasher in self._states:
+            if at[0] != len(fingerprint.ranges) or hasher.hexdigest() != fingerprint.sha256:
+                raise IntegrityError(
+                    f"{self._what} read differently during the analysis than during the conversion; it changed "
+                    "while sconify read it. Convert it again from a source nobody is writing to."
+                )
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+class CheckedSource:
+    """A BlobSource whose blobs are read through ``RangeCheck`` against the fingerprints given per digest."""
+
+    def __init__(self, inner: BlobSource, prints: Mapping[str, Sequence[RangeFingerprint]]) -> None:
+        self._inner = inner
+        self._prints = prints
+        self.name = inner.name
+
+    def open_blob(self, desc: Descriptor) -> BinaryIO:
+        raw = self._inner.open_blob(desc)
+        prints = self._prints.get(desc.digest)
+        if not prints:
+            return raw
+        return RangeCheck(raw, prints, f"blob {desc.digest} from {self.name}")  # type: ignore[return-value]
+
+
 class HashingWriter:
     """Wraps a writable file and records the digest and size of what passes through it."""
 
@@ -368,56 +451,61 @@ class HashingWriter:
         return "sha256:" + self._hash.hexdigest()
 
 
-class GzipWriter:
-    """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input.
+class _LayerSink:
+    """The writing end of a new layer's blob: hashing, (optional) compression and the writes downstream,
+    either inline or in a thread of their own fed through a small bounded queue, so that a layer's producer
+    (tar parsing, sealing) and its consumer use two cores; the output is the same bytes either way.
 
-    With ``background=True`` hashing, compression and the writes downstream run in a thread of their own fed
-    through a small bounded queue, so that a layer's producer (tar parsing, sealing) and its consumer use two
-    cores; the output is the same bytes either way.
+    ``write`` takes ordinary bytes; ``write_incompressible`` takes bytes known not to compress (ciphertext),
+    which a compressing sink stores instead of running them through the compressor.
     """
 
     QUEUE_CHUNKS = 8  # at most this many pending writes (about 8 MiB) per writer
 
-    def __init__(self, out: Writable, level: int = GZIP_LEVEL, *, background: bool = False) -> None:
+    def __init__(self, out: Writable, *, background: bool = False) -> None:
         self._out = out
-        self._c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
-        self._diff = hashlib.sha256()
         self.uncompressed_size = 0
-        self._queue: queue.Queue[bytes | None] | None = None
+        self._queue: queue.Queue[tuple[bytes, bool] | None] | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if background:
             self._queue = queue.Queue(self.QUEUE_CHUNKS)
-            self._thread = threading.Thread(target=self._drain, name="gzip", daemon=True)
+            self._thread = threading.Thread(target=self._drain, name="layer-sink", daemon=True)
             self._thread.start()
 
-    def _consume(self, data: bytes) -> None:
-        self._diff.update(data)
-        out = self._c.compress(data)
-        if out:
-            self._out.write(out)
+    def _consume(self, data: bytes, incompressible: bool) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
 
     def _drain(self) -> None:
         assert self._queue is not None
         while True:
-            data = self._queue.get()
-            if data is None:
+            item = self._queue.get()
+            if item is None:
                 return
             if self._error is None:
                 try:
-                    self._consume(data)
+                    self._consume(*item)
                 except BaseException as exc:  # handed to the producer at its next write or at close
                     self._error = exc
 
-    def write(self, data: bytes) -> int:
+    def _put(self, data: bytes, incompressible: bool) -> int:
         self.uncompressed_size += len(data)
         if self._queue is None:
-            self._consume(data)
+            self._consume(data, incompressible)
         else:
             if self._error is not None:
                 raise self._error
-            self._queue.put(bytes(data))
+            self._queue.put((bytes(data), incompressible))
         return len(data)
+
+    def write(self, data: bytes) -> int:
+        return self._put(data, False)
+
+    def write_incompressible(self, data: bytes) -> int:
+        return self._put(data, True)
 
     def close(self) -> None:
         if self._queue is not None and self._thread is not None:
@@ -426,7 +514,7 @@ class GzipWriter:
             self._queue = None
             if self._error is not None:
                 raise self._error
-        self._out.write(self._c.flush())
+        self._finish()
 
     def abandon(self) -> None:
         """Stop the background thread after an error on the producer's side; nothing more is written."""
@@ -437,8 +525,79 @@ class GzipWriter:
             self._queue = None
 
     @property
+    def diff_id(self) -> str | None:
+        """The DiffID of what was written, or None when it equals the blob digest (an uncompressed layer)."""
+        raise NotImplementedError
+
+
+# A deterministic gzip member header: deflate, no flags, no mtime, no extra flags, OS "unknown".
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_STORED_MAX = 0xFFFF  # the largest stored deflate block
+
+
+class GzipWriter(_LayerSink):
+    """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input.
+
+    Ordinary bytes go through ISA-L's deflate; incompressible bytes (``write_incompressible``) are written as
+    stored deflate blocks after a full flush, which costs a few bytes instead of a compression pass that
+    cannot shrink them. It is one ordinary gzip member that every inflater reads.
+    """
+
+    def __init__(self, out: Writable, level: int = GZIP_LEVEL, *, background: bool = False) -> None:
+        self._c = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
+        self._diff = hashlib.sha256()
+        self._crc = 0
+        self._pending = False  # bytes given to the compressor since its last flush
+        self._started = False
+        super().__init__(out, background=background)
+
+    def _emit(self, data: bytes | bytearray) -> None:
+        if not self._started:
+            self._started = True
+            data = _GZIP_HEADER + data
+        if data:
+            self._out.write(data)  # type: ignore[arg-type]
+
+    def _consume(self, data: bytes, incompressible: bool) -> None:
+        self._diff.update(data)
+        self._crc = isal_zlib.crc32(data, self._crc)
+        if not incompressible:
+            self._pending = True
+            self._emit(self._c.compress(data))
+            return
+        out = bytearray()
+        if self._pending:  # end the compressed run on a byte boundary, with no references into what follows
+            out += self._c.flush(isal_zlib.Z_FULL_FLUSH)
+            self._pending = False
+        view = memoryview(data)
+        for at in range(0, len(view), _STORED_MAX):
+            piece = view[at : at + _STORED_MAX]
+            n = len(piece)
+            out += bytes((0, n & 0xFF, n >> 8, ~n & 0xFF, (~n >> 8) & 0xFF))  # BFINAL=0, BTYPE=00, LEN, NLEN
+            out += piece
+        self._emit(out)
+
+    def _finish(self) -> None:
+        size = self.uncompressed_size & 0xFFFFFFFF
+        self._emit(self._c.flush(isal_zlib.Z_FINISH) + self._crc.to_bytes(4, "little") + size.to_bytes(4, "little"))
+
+    @property
     def diff_id(self) -> str:
         return "sha256:" + self._diff.hexdigest()
+
+
+class TarWriter(_LayerSink):
+    """An uncompressed layer: the bytes go downstream unchanged (the blob digest is the DiffID)."""
+
+    def _consume(self, data: bytes, incompressible: bool) -> None:
+        self._out.write(data)
+
+    def _finish(self) -> None:
+        pass
+
+    @property
+    def diff_id(self) -> None:
+        return None
 
 
 def copy_stream(

@@ -35,7 +35,7 @@ DEFAULT_WORKERS = 2
 # Route options: the names of ``sconify convert``'s flags (underscores or dashes).
 OPTION_NAMES = (
     "encrypt", "authenticate", "plain", "heap", "stack", "threads", "dlopen", "allow_debug", "env", "command",
-    "name", "namespace", "service", "cas", "las", "runtime", "chunk_size",
+    "name", "namespace", "service", "cas", "las", "runtime", "chunk_size", "layer_compression",
 )
 
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}
@@ -158,6 +158,7 @@ SCHEMA: dict[str, Any] = {
                             "service": {"type": "string"}, "cas": {"type": "string"}, "las": {"type": "string"},
                             "runtime": {"type": "string"},
                             "chunk_size": {"type": "integer", "minimum": 4096},
+                            "layer_compression": {"enum": ["auto", "gzip", "none"]},
                         },
                     },
                 },

@@ -68,6 +68,7 @@ def batch_spec(job: ServiceJob, digest: str, config: ServiceConfig) -> Any:
         heap=str(o["heap"]) if o.get("heap") is not None else None,
         stack=str(o["stack"]) if o.get("stack") is not None else None,
         threads=o.get("threads"), dlopen=o.get("dlopen"), allow_debug=bool(o.get("allow_debug", False)),
+        layer_compression=o.get("layer_compression") or "auto",
         env=env_items, command=tuple(command) if command is not None else None,
         session=o.get("name"), namespace=o.get("namespace"), service=o.get("service"),
         **({"cas": o["cas"]} if o.get("cas") else {}), **({"las": o["las"]} if o.get("las") else {}),

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 512
 CHUNK = 1 << 20
+SEEK_BLOCK = 16 << 10  # the read size on a stream that can skip by seeking (headers, small files)
 DEFAULT_MAX_SIZE = 64 << 30
 # Extended headers and GNU long names are read into memory, so they get their own, much smaller limit.
 DEFAULT_MAX_METADATA = 8 << 20
@@ -67,6 +68,7 @@ class EntryContent(io.RawIOBase):
         self._left = entry.size
         self._valid = True
         self.entry = entry
+        self.offset = reader._input.offset  # where the content starts in the uncompressed tar stream
 
     def readable(self) -> bool:
         return True
@@ -120,15 +122,18 @@ class _Input:
         self._buf = b""
         self._pos = 0
         self.offset = 0
+        # A stream that can skip by seeking is read in small blocks: what is not needed is never read.
+        self._seek = getattr(stream, "skip", None)
+        self._block = SEEK_BLOCK if self._seek is not None else CHUNK
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" only at the end of the stream."""
         if self._pos >= len(self._buf):
-            if n >= CHUNK:
+            if n >= self._block:
                 data = self._stream.read(n) or b""
                 self.offset += len(data)
                 return data
-            self._buf = self._stream.read(CHUNK) or b""
+            self._buf = self._stream.read(self._block) or b""
             self._pos = 0
             if not self._buf:
                 return b""
@@ -156,8 +161,16 @@ class _Input:
         return b"".join(parts)
 
     def skip(self, n: int) -> int:
-        """Discard ``n`` bytes; returns how many there were."""
+        """Discard ``n`` bytes; returns how many there were. A stream with a ``skip`` method of its own (one that
+        can seek) is moved ahead instead of read when the rest of the buffer does not cover ``n``."""
         done = 0
+        if self._seek is not None and n > len(self._buf) - self._pos:
+            done = max(0, len(self._buf) - self._pos)
+            self._pos = len(self._buf)
+            self.offset += done
+            moved = self._seek(n - done)
+            self.offset += moved
+            return done + moved
         while done < n:
             data = self.read(min(CHUNK, n - done))
             if not data:

@@ -17,6 +17,8 @@ from sconify.image.tarfs.entry import XATTR_PREFIX, Entry, EntryKind, encode_nam
 
 BLOCK = 512
 CHUNK = 1 << 20
+# Incompressible content pieces at least this long bypass the compressor; shorter ones are not worth a flush.
+INCOMPRESSIBLE_MIN = 4096
 _TYPEFLAGS = {
     EntryKind.REGULAR: b"0",
     EntryKind.HARDLINK: b"1",
@@ -168,6 +170,8 @@ class LayerWriter:
 
     def _copy(self, entry: Entry, reader: _Readable) -> None:
         left = entry.size
+        # Content that says it does not compress (ciphertext) goes to a sink that can store it as it is.
+        raw = getattr(self._out, "write_incompressible", None) if getattr(reader, "incompressible", False) else None
         while left:
             want = min(CHUNK, left)
             data = reader.read(want)
@@ -180,7 +184,11 @@ class LayerWriter:
                 raise IntegrityError(
                     f"the content given for {entry.path!r} in {self._what} returned more bytes than asked for."
                 )
-            if len(data) >= CHUNK // 2:
+            if raw is not None and len(data) >= INCOMPRESSIBLE_MIN:
+                self._flush()
+                raw(data)
+                self.bytes_written += len(data)
+            elif len(data) >= CHUNK // 2:
                 self._flush()
                 self._out.write(data)
                 self.bytes_written += len(data)

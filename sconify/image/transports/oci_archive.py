@@ -32,6 +32,19 @@ class _MemberReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"cannot seek before the start of {self._what}")
+        self._pos = base + offset
+        return self._pos
+
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
             parts = []

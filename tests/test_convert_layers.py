@@ -1,0 +1,226 @@
+"""How ``convert`` writes and reads layers: position nonces as docs/fspf.md states them (checked with hmac and
+tarfile alone), the choice between gzip and uncompressed rewritten layers, and the analysis that reads local
+uncompressed layers unverified (a tampered blob must still stop the conversion and leave nothing behind).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hmac
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_convert_support import (
+    Keys,
+    blob_path,
+    cached_conversion,
+    convert_image,
+    keys,  # noqa: F401 (fixture)
+    layout_manifest,
+    runtime,  # noqa: F401 (fixture)
+)
+from test_fspf_spec import SpecReader
+
+VOLUME = ".sconify/fspf/volume.fspf"  # inside the protection layer (a layer path has no leading "/")
+
+
+def _layers(layout: Path, tag: str = "latest") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    _, manifest = layout_manifest(layout, tag)
+    config = json.loads(blob_path(layout, manifest["config"]["digest"]).read_bytes())
+    return config, manifest["layers"]
+
+
+def _tar_bytes(layout: Path, desc: dict[str, Any]) -> bytes:
+    data = blob_path(layout, desc["digest"]).read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _visible_positions(layout: Path) -> dict[bytes, tuple[str, int]]:
+    """Volume path -> (DiffID, content offset in the uncompressed tar) of each file's last occurrence."""
+    config, layers = _layers(layout)
+    where: dict[bytes, tuple[str, int]] = {}
+    for desc, diff_id in zip(layers, config["rootfs"]["diff_ids"], strict=True):
+        with tarfile.open(fileobj=io.BytesIO(_tar_bytes(layout, desc)), mode="r:") as tar:
+            for member in tar:
+                if member.isreg():
+                    where[b"/" + member.name.lstrip("./").encode("utf-8", "surrogateescape")] = (
+                        diff_id, member.offset_data)
+    return where
+
+
+@pytest.mark.parametrize("name", ["python-app", "busybox-sh"])
+def test_chunk_nonces_name_the_source_position_as_the_document_says(
+    name: str, tmp_path_factory: pytest.TempPathFactory, fixture_image, keys: Keys  # noqa: F811
+) -> None:
+    converted = cached_conversion(tmp_path_factory, fixture_image, keys, name)
+    assert converted.layout is not None
+    _, layers = _layers(converted.layout)
+    protection = _tar_bytes(converted.layout, layers[-1])
+    with tarfile.open(fileobj=io.BytesIO(protection), mode="r:") as tar:
+        member = tar.extractfile(VOLUME)
+        assert member is not None
+        metadata = member.read()
+    service = converted.service
+    key = bytes.fromhex(service["fspf_key"])
+    reader = SpecReader(metadata, key, bytes.fromhex(service["fspf_tag"]))
+    positions = _visible_positions(Path(converted.source.layout))
+    checked = 0
+    for path, record in reader.records.items():
+        if record["kind"] != 1 or not record["chunks"]:
+            continue
+        diff_id, offset = positions[path]
+        _, nonce_key = reader.file_keys(path)
+        digest = bytes.fromhex(diff_id.split(":", 1)[1])
+        for index, (nonce, _tag) in enumerate(record["chunks"]):
+            expected = hmac.digest(nonce_key, b"layer\0" + digest + struct.pack("<QQ", offset, index), "sha256")
+            assert nonce == expected[:12], (path, index)
+            checked += 1
+    assert checked >= 3
+
+
+def _docker_archive(fixture: Any, path: Path) -> str:
+    """The fixture image as a docker-archive (uncompressed layers), written by ``sconify copy``."""
+    ref = f"docker-archive:{path}:sconify/test:1"
+    subprocess.run([sys.executable, "-m", "sconify", "-q", "copy", fixture.reference, ref], check=True,
+                   capture_output=True, timeout=120)
+    return ref
+
+
+def test_rewritten_layers_of_mostly_ciphertext_are_stored_uncompressed_and_others_gzipped(
+    fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    source = fixture_image("big", size="24MiB", layers=3)
+    out = {}
+    for choice in ("auto", "gzip", "none"):
+        conv = convert_image(source, f"oci:{tmp_path / choice}:latest", tmp_path / f"p-{choice}", keys, sign=False,
+                             layer_compression=choice)
+        _, layers = _layers(tmp_path / choice)
+        report = json.loads((conv.policy_dir / "report.json").read_text())
+        rewritten = [la["index"] for la in report["layers"] if la["result"] == "rewritten"]
+        assert rewritten
+        out[choice] = [layers[i]["mediaType"] for i in rewritten]
+        for i in rewritten:  # whatever the form, the blob is what the manifest says it is
+            data = blob_path(tmp_path / choice, layers[i]["digest"]).read_bytes()
+            assert (data[:2] == b"\x1f\x8b") == layers[i]["mediaType"].endswith("+gzip")
+        # umoci, an independent reader, unpacks every form
+        subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{tmp_path / choice}:latest",
+                        str(tmp_path / f"bundle-{choice}")], check=True, capture_output=True, timeout=300)
+    assert set(out["gzip"]) == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    assert set(out["none"]) == {"application/vnd.oci.image.layer.v1.tar"}
+    # The big image keeps most of its bytes under /app/data (encrypted): auto stores those layers as they are.
+    assert "application/vnd.oci.image.layer.v1.tar" in out["auto"]
+
+
+def test_gzip_layers_keep_ciphertext_in_stored_blocks(
+    fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    source = fixture_image("big", size="24MiB", layers=3)
+    convert_image(source, f"oci:{tmp_path / 'gz'}:latest", tmp_path / "p", keys, sign=False, layer_compression="gzip")
+    _, layers = _layers(tmp_path / "gz")
+    for desc in layers:
+        data = blob_path(tmp_path / "gz", desc["digest"]).read_bytes()
+        tar = gzip.decompress(data)
+        if len(tar) > 4 << 20:  # a layer of ciphertext: gzip adds a few bytes per 64 KiB, it does not shrink it
+            assert len(data) < len(tar) * 1.01
+        assert subprocess.run(["gzip", "-t"], input=data, capture_output=True).returncode == 0
+
+
+def _tamper(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _run_convert(
+    source: str, dest: str, policy: Path, with_keys: Keys, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sconify", "-q", "convert", source, dest, "--policy-out", str(policy),
+         "--fspf-key", str(with_keys.fspf), "--enclave-key", str(with_keys.enclave), *extra],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_a_tampered_file_in_a_local_uncompressed_layer_stops_the_conversion(
+    fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    archive = tmp_path / "src.tar"
+    ref = _docker_archive(fixture_image("python-app"), archive)
+    data = archive.read_bytes()
+    marker = data.find(b"def ")  # inside an application file (encrypted); the analysis skips or ignores it
+    assert marker > 0
+    _tamper(archive, marker + 1)
+    done = _run_convert(ref, f"oci:{tmp_path / 'out'}:latest", tmp_path / "policy", keys)
+    assert done.returncode == 7, done.stderr
+    assert "digest" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "policy").exists()
+
+
+def test_a_tampered_reused_layer_the_destination_already_holds_is_still_verified(
+    fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    # An OCI layout with uncompressed layers; the destination already has every source blob ("present").
+    archive = tmp_path / "src.tar"
+    _docker_archive(fixture_image("python-app"), archive)
+    src = tmp_path / "src"
+    subprocess.run([sys.executable, "-m", "sconify", "-q", "copy", f"docker-archive:{archive}",
+                    f"oci:{src}:v1"], check=True, capture_output=True, timeout=120)
+    dest = tmp_path / "dest"
+    shutil.copytree(src, dest)
+    _, layers = _layers(src, "v1")
+    base = blob_path(src, layers[0]["digest"])  # the base layer holds nothing encrypted: it is reused
+    assert layers[0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+    # With / and the shell left unprotected, nothing of the base (busybox) layer is sealed or authenticated: the
+    # layer pass has no reason to read it, and the destination has it already.
+    plain = ["--plain", "/", "--plain", "/bin/busybox"]
+    plan = subprocess.run([sys.executable, "-m", "sconify", "convert", f"oci:{src}:v1", *plain,
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(plan.stdout)["layers"][0]["action"] == "reuse", plan.stderr
+    _tamper(base, base.stat().st_size // 2)
+    index_before = (dest / "index.json").read_bytes()
+    done = _run_convert(f"oci:{src}:v1", f"oci:{dest}:converted", tmp_path / "policy", keys, *plain)
+    assert done.returncode == 7, done.stderr
+    assert "digest" in done.stderr and "Traceback" not in done.stderr
+    assert (dest / "index.json").read_bytes() == index_before
+    assert not (tmp_path / "policy").exists()
+
+
+class _Source:
+    def __init__(self, reference: str) -> None:
+        self.reference = reference
+
+
+def test_a_layer_that_changes_between_the_analysis_and_the_conversion_is_refused(
+    fixture_image, keys: Keys, tmp_path: Path, runtime, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    import sconify.convert as conversion
+    from sconify.errors import IntegrityError
+
+    archive = tmp_path / "src.tar"
+    ref = _docker_archive(fixture_image("python-app"), archive)
+    genuine = archive.read_bytes()
+    at = genuine.find(b"root:x:0:0")  # /etc/passwd, which the analysis reads (it names the image's users)
+    assert at > 0
+    _tamper(archive, at + 1)  # the analysis sees this; the layer pass would see the genuine, verified bytes
+    analyze = conversion.prepare
+
+    def analyze_then_restore(*args: Any, **kwargs: Any) -> Any:
+        prepared = analyze(*args, **kwargs)
+        with open(archive, "r+b") as f:  # same file, same inode: the open archive sees the change
+            f.write(genuine)
+        return prepared
+
+    monkeypatch.setattr(conversion, "prepare", analyze_then_restore)
+    with pytest.raises(IntegrityError, match="changed while sconify read it"):
+        convert_image(_Source(ref), f"oci:{tmp_path / 'out'}:latest", tmp_path / "policy", keys, sign=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "policy").exists()
