@@ -201,3 +201,26 @@ def test_tar_writer_passes_bytes_through_and_leaves_the_diff_id_to_the_blob_dige
         w.write_incompressible(b"cipher")
         w.close()
         assert buf.getvalue() == b"plain cipher" and w.diff_id is None and w.uncompressed_size == 12
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_small_blob_that_inflates_hugely_is_read_in_bounded_memory(kind: str) -> None:
+    import resource
+
+    plain_size = 512 << 20  # zeros compress about a thousand to one
+    if kind == "gzip":
+        c = zlib.compressobj(9, zlib.DEFLATED, 31)
+        blob = b"".join(c.compress(bytes(1 << 20)) for _ in range(plain_size >> 20)) + c.flush()
+    else:
+        z = zstandard.ZstdCompressor().compressobj()
+        blob = b"".join(z.compress(bytes(1 << 20)) for _ in range(plain_size >> 20)) + z.flush()
+    assert len(blob) < 2 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reader = DecompressingReader(io.BytesIO(blob), "layer")
+    total = 0
+    while chunk := reader.read(1 << 20):
+        assert len(chunk) <= 1 << 20
+        total += len(chunk)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert total == plain_size
+    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB while inflating"

@@ -6,13 +6,12 @@ the bytes, never trusted from a media type; memory stays bounded whatever the bl
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import BinaryIO, Protocol
 
 import zstandard
@@ -231,8 +230,28 @@ def push_decompressor(compression: str, sink: Callable[[bytes], None], what: str
     return _PlainPush(sink, what)
 
 
-class DecompressingReader(io.RawIOBase):
-    """Pull-style reader of the uncompressed bytes of a (gzip, zstd or plain) stream, detected from its bytes."""
+class _Prepended(ReadStream):
+    """``head`` followed by the rest of ``raw``: lets a pull decompressor start from bytes already read."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        super().__init__()
+        self._head = head
+        self._raw = raw
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self._head:
+            size = len(self._head) if n is None or n < 0 else n
+            out, self._head = self._head[:size], self._head[size:]
+            return out
+        return self._raw.read(-1 if n is None else n)
+
+
+class DecompressingReader(ReadStream):
+    """Pull-style reader of the uncompressed bytes of a (gzip, zstd or plain) stream, detected from its bytes.
+
+    Output is produced only as it is read, at most ``CHUNK`` bytes ahead: a small blob that inflates to
+    gigabytes never fills memory.
+    """
 
     def __init__(self, raw: BinaryIO, what: str, verify: tuple[str, str] | None = None) -> None:
         super().__init__()
@@ -240,24 +259,73 @@ class DecompressingReader(io.RawIOBase):
         self._what = what
         self._piece = b""
         self._offset = 0
-        self._pending: collections.deque[bytes] = collections.deque()
         head = raw.read(CHUNK)
         self.compression = detect_compression(head)
-        self._dec = push_decompressor(self.compression, self._pending.append, what)
         self._eof = False
         self._hash = _hasher(verify[0]) if verify else None
         self._expect = verify
         self._count = 0
-        if head:
-            self._dec.feed(head)
+        if self.compression == mt.GZIP:
+            self._pieces: Iterator[bytes] = self._gzip_pieces(head)
+        elif self.compression == mt.ZSTD:
+            self._pieces = self._zstd_pieces(head)
         else:
-            self._end()
+            self._pieces = self._plain_pieces(head)
 
-    def readable(self) -> bool:
-        return True
+    def _plain_pieces(self, head: bytes) -> Iterator[bytes]:
+        data = head
+        while data:
+            yield data
+            data = self._raw.read(CHUNK)
+
+    def _gzip_pieces(self, head: bytes) -> Iterator[bytes]:
+        d = isal_zlib.decompressobj(31)
+        in_member = False
+        data = head
+        while True:
+            if not data:
+                data = self._raw.read(CHUNK)
+                if not data:
+                    if in_member:
+                        raise IntegrityError(f"{self._what} is a truncated gzip stream; the source is corrupt.")
+                    return
+            if not in_member:
+                if not data.strip(b"\0"):  # zero padding after the last member is tolerated, as gzip does
+                    data = b""
+                    continue
+                in_member = True
+            try:
+                out = d.decompress(data, CHUNK)
+            except isal_zlib.error as exc:  # type: ignore[misc]
+                raise IntegrityError(f"{self._what} is not a valid gzip stream ({exc}).") from None
+            if out:
+                yield out
+            if d.eof:
+                data = d.unused_data
+                d = isal_zlib.decompressobj(31)
+                in_member = False
+            else:
+                data = d.unconsumed_tail
+                while not data and len(out) == CHUNK:  # output may still be pending for input already taken
+                    out = d.decompress(b"", CHUNK)
+                    if out:
+                        yield out
+
+    def _zstd_pieces(self, head: bytes) -> Iterator[bytes]:
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            _Prepended(head, self._raw),  # type: ignore[arg-type]
+            read_size=CHUNK, read_across_frames=True, closefd=False,
+        )
+        while True:
+            try:
+                out = reader.read(CHUNK)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{self._what} is not a valid zstd stream ({exc}).") from None
+            if not out:
+                return
+            yield out
 
     def _end(self) -> None:
-        self._dec.finish()
         self._eof = True
         if self._hash is not None and self._expect is not None:
             actual = f"{self._expect[0].split(':', 1)[0]}:{self._hash.hexdigest()}"
@@ -269,17 +337,15 @@ class DecompressingReader(io.RawIOBase):
 
     def _next_piece(self) -> bool:
         """Make ``self._piece`` hold undelivered bytes; False at the end of the stream."""
-        while not self._pending:
-            if self._eof:
-                return False
-            data = self._raw.read(CHUNK)
-            if not data:
-                self._end()
-                return bool(self._pending)
-            self._dec.feed(data)
-        self._piece = self._pending.popleft()
-        self._offset = 0
-        return True
+        if self._eof:
+            return False
+        for piece in self._pieces:
+            if piece:
+                self._piece = piece
+                self._offset = 0
+                return True
+        self._end()
+        return False
 
     def read(self, n: int | None = -1) -> bytes:
         if n is None or n < 0:
@@ -300,11 +366,6 @@ class DecompressingReader(io.RawIOBase):
             self._hash.update(out)
         self._count += len(out)
         return out
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         try:
@@ -460,7 +521,7 @@ class _LayerSink:
     which a compressing sink stores instead of running them through the compressor.
     """
 
-    QUEUE_CHUNKS = 8  # at most this many pending writes (about 8 MiB) per writer
+    QUEUE_CHUNKS = 2  # at most this many pending writes (about 2 MiB) per writer
 
     def __init__(self, out: Writable, *, background: bool = False) -> None:
         self._out = out

@@ -6,7 +6,10 @@ compressed once (ISA-L gzip level 1) in one process with two threads.
 Then the incremental case: the image plus a small top layer, converted cold; the same image with a different
 top layer, converted again with the warm per-layer cache.
 
-Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--keep]``; prints a Markdown table.
+Every timed run starts after ``sync`` (no writeback of an earlier run's output is pending), and the
+conversion, skopeo and the floor run ``--repeat`` times, interleaved; the tables show the medians.
+
+Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--keep]``; prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -110,10 +113,16 @@ def floor(archive: str) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
+def median_run(runs: list[Run]) -> Run:
+    """The run with the median wall time."""
+    return sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1.5GiB")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sconify-bench-convert-", dir=os.environ.get("BENCH_DIR")))
@@ -136,18 +145,31 @@ def main() -> None:
         keys = ["--fspf-key", str(work / "fspf.key"), "--enclave-key", str(work / "enc.pem")]
         input_bytes = (work / "a.tar").stat().st_size
 
-        print("skopeo copy docker-archive -> oci ...", file=sys.stderr)
-        skopeo = timed(["skopeo", "copy", "-q", archive, f"oci:{work}/skopeo:v1"])
-        print("sconify convert docker-archive -> oci ...", file=sys.stderr)
-        conv = timed([*SCONIFY, "convert", archive, f"oci:{work}/conv:v1", "--policy-out", str(work / "p1"), *keys])
+        skopeo_runs: list[Run] = []
+        conv_runs: list[Run] = []
+        floor_runs: list[float] = []
+        for attempt in range(args.repeat):
+            print(f"round {attempt + 1} of {args.repeat}: skopeo, sconify, floor ...", file=sys.stderr)
+            shutil.rmtree(work / "skopeo", ignore_errors=True)
+            os.sync()
+            skopeo_runs.append(timed(["skopeo", "copy", "-q", archive, f"oci:{work}/skopeo:v1"]))
+            shutil.rmtree(work / "conv", ignore_errors=True)
+            shutil.rmtree(work / "p1", ignore_errors=True)
+            os.sync()
+            conv_runs.append(timed([*SCONIFY, "convert", archive, f"oci:{work}/conv:v1", "--policy-out",
+                                    str(work / "p1"), *keys]))
+            os.sync()
+            floor_runs.append(floor(archive)[0])
+        skopeo, conv = median_run(skopeo_runs), median_run(conv_runs)
+        floor_s = sorted(floor_runs)[len(floor_runs) // 2]
         output_bytes = blob_bytes(work / "conv")
-        print("work floor ...", file=sys.stderr)
-        floor_s, _ = floor(archive)
 
         print("incremental: cold, then top layer changed with a warm cache ...", file=sys.stderr)
         cache = ["--cache", str(work / "cache")]
+        os.sync()
         cold = timed([*SCONIFY, "convert", source, f"oci:{work}/inc1:v1", "--policy-out", str(work / "p2"),
                       *keys, *cache])
+        os.sync()
         warm = timed([*SCONIFY, "convert", changed, f"oci:{work}/inc2:v1", "--policy-out", str(work / "p3"),
                       *keys, *cache])
         runtime = Path(os.environ.get("SCONIFY_RUNTIME") or builtin).stat().st_size
@@ -166,6 +188,11 @@ def main() -> None:
         print(row("sconify convert oci -> oci, cold cache", cold))
         print(row("same image, top layer changed, warm cache", warm))
         print()
+        def samples(values: list[float]) -> str:
+            return ", ".join(f"{v:.2f}" for v in values)
+
+        print(f"- samples (s): sconify {samples([r.seconds for r in conv_runs])}; skopeo "
+              f"{samples([r.seconds for r in skopeo_runs])}; floor {samples(floor_runs)}")
         print(f"- sconify / skopeo: {conv.seconds / skopeo.seconds:.2f} (goal <= 1.0)")
         print(f"- sconify / floor: {conv.seconds / floor_s:.2f} (goal <= 1.3)")
         print(f"- output / (input + runtime): {output_bytes / (input_bytes + runtime):.3f} (goal <= 1.05)")
