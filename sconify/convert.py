@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import gc
 import io
 import json
 import logging
@@ -458,11 +459,18 @@ def convert(
         builder = LayerBuilder(
             image, scan, regions, fspf_key, plan.chunk_size, dest, family, plan.executable, progress, cache,
             compression=options.layer_compression, checks=prepared.unverified,
+            pipelined=sum(1 for a in plan.layers if a.action == "rewrite") < (os.cpu_count() or 1),
         )
         with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_LAYERS, len(plan.layers)))) as pool:
-            # Largest layers first, so that no big layer starts last and runs alone at the end.
-            by_size = sorted(plan.layers, key=lambda a: image.layers[a.index].descriptor.size, reverse=True)
-            built = dict(zip((a.index for a in by_size), pool.map(builder.build, by_size), strict=True))
+            # The analysis's many small objects live to the end: keep the collector from walking them again
+            # while the layers are built (and let it see them afterwards, for long-running workers).
+            gc.freeze()
+            try:
+                # Largest layers first, so that no big layer starts last and runs alone at the end.
+                by_size = sorted(plan.layers, key=lambda a: image.layers[a.index].descriptor.size, reverse=True)
+                built = dict(zip((a.index for a in by_size), pool.map(builder.build, by_size), strict=True))
+            finally:
+                gc.unfreeze()
             outputs = [built[a.index] for a in plan.layers]
             # Layers the analysis read unverified and the layer pass did not read in full: verify them now.
             unchecked = [o.index for o in outputs if o.index in prepared.unverified and not o.verified]

@@ -136,3 +136,23 @@ def test_cli_inspect_json_and_raw(umoci_layout):
     raw = run_cli("inspect", "--raw", f"oci:{umoci_layout}:t1")
     image = open_image(parse_reference(f"oci:{umoci_layout}:t1"))
     assert raw.stdout.encode() == image.manifest_bytes
+
+
+@pytest.mark.parametrize("hint", [None, 8 << 20, 12 << 20, 40 << 20])
+def test_a_size_hint_reserves_space_but_the_blob_is_exactly_what_was_written(tmp_path, hint):
+    import hashlib
+
+    from sconify.image.model import Descriptor
+
+    data = os.urandom(12 << 20)
+    dest = open_destination(parse_reference(f"oci:{tmp_path / 'layout'}:v1"))
+    writer = dest.new_blob("application/vnd.oci.image.layer.v1.tar", hint)
+    for at in range(0, len(data), 1 << 20):
+        writer.write(data[at : at + (1 << 20)])
+    desc = writer.commit()
+    assert desc == Descriptor("application/vnd.oci.image.layer.v1.tar", "sha256:" + hashlib.sha256(data).hexdigest(),
+                              len(data))
+    blob = dest.staging / "blobs" / "sha256" / desc.digest[7:]
+    assert blob.read_bytes() == data
+    assert blob.stat().st_blocks * 512 < len(data) + (4 << 20)  # no reserved space is left behind
+    dest.abort()

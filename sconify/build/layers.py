@@ -107,10 +107,15 @@ class LayerBuilder:
         cache: LayerCache | None = None,
         compression: str = "auto",
         checks: Mapping[int, Sequence[RangeFingerprint]] | None = None,
+        pipelined: bool = True,
     ) -> None:
         if compression not in LAYER_COMPRESSIONS:
             raise ValueError(f"unknown layer compression {compression!r}")
         self.compression = compression
+        # Whether an uncompressed rewritten layer is hashed and written by a thread of its own: worth it when
+        # there are fewer layers to rewrite than cores; otherwise the layers themselves keep the cores busy
+        # and the hand-over between threads only costs. Gzip output always has its own thread.
+        self.pipelined = pipelined
         # Source layers the analysis read unverified: every read of them here also checks what it saw.
         self.checks = dict(checks or {})
         self.image = image
@@ -262,11 +267,13 @@ class LayerBuilder:
                                verified=True)
         # Rewrite: the same entries in the same order, encrypted contents sealed, hidden encrypted copies dropped.
         compression = self._output_compression(action)
-        writer = self.dest.new_blob(mt.layer_type(self.family, compression))
+        size_hint = self._tar_size(index) if compression == mt.NONE else None
+        writer = self.dest.new_blob(mt.layer_type(self.family, compression), size_hint)
         if spool is not None:
             writer = _Tee(writer, spool)
         # Compression and hashing run beside the tar parsing and sealing: two cores for one layer.
-        gz = GzipWriter(writer, background=True) if compression == mt.GZIP else TarWriter(writer, background=True)
+        gz = (GzipWriter(writer, background=True) if compression == mt.GZIP
+              else TarWriter(writer, background=self.pipelined))
         try:
             with self.progress.task(f"rewrite layer {index}", None) as bar, layer.open_tar() as tar:
                 out = LayerWriter(gz, what=f"the rewritten {what}")
@@ -300,6 +307,14 @@ class LayerBuilder:
         diff_id = gz.diff_id or desc.digest  # an uncompressed layer's DiffID is its digest
         return LayerOutput(index, desc, diff_id, "rewritten", tuple(records), executable, gz.uncompressed_size,
                            verified=True)
+
+    def _tar_size(self, index: int) -> int:
+        """About how long the rewritten tar of layer ``index`` is: the source tar's length, or an estimate."""
+        layer = self.image.layers[index]
+        if layer.descriptor.digest == layer.diff_id:
+            return layer.descriptor.size
+        facts = self.scan.layers[index]
+        return sum(size for _, size, _ in facts.files) + 1536 * facts.entries
 
     def _output_compression(self, action: LayerAction) -> str:
         """How a rewritten layer is written: gzip (ciphertext in stored blocks) or an uncompressed tar."""

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
-from tqdm import tqdm
 
 from sconify.progress import SILENT, Progress, Task
 
@@ -22,6 +21,8 @@ class TqdmProgress:
 
     @contextmanager
     def task(self, description: str, total: int | None = None, unit: str = "B") -> Iterator[Task]:
+        from tqdm import tqdm  # only when bars are shown: importing it costs more than many conversions' set-up
+
         with self._lock:
             position = self._position
             self._position += 1

@@ -143,11 +143,15 @@ def _variable_issues(data: dict[str, Any], root: yaml.Node, file: str) -> list[R
     return issues
 
 
+# libyaml's safe loader when PyYAML has it (about ten times faster; the same documents, marks and errors).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_rule_text(text: str, file: str) -> tuple[dict[str, Any] | None, list[RuleIssue]]:
     """Parse and validate one rule file's text; returns the data (None if unusable) and every issue found."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None

@@ -1,7 +1,7 @@
 """Benchmark of ``sconify convert`` on a generated image of >= 1.5 GiB, against two peers run in the same
 invocation: (a) ``skopeo copy docker-archive:... oci:...`` of the same image (compresses every layer once),
 and (b) the bare work floor: the same bytes read, hashed, encrypted (AES-256-GCM, 64 KiB chunks) and
-compressed once (ISA-L gzip level 1) in one process with two threads.
+compressed once (ISA-L gzip level 1) in one process, largest layers first on three threads.
 
 Then the incremental case: the image plus a small top layer, converted cold; the same image with a different
 top layer, converted again with the warm per-layer cache.
@@ -107,9 +107,12 @@ def floor(archive: str) -> tuple[float, int]:
                     out += len(c.compress(sealed))
         return out + len(c.flush())
 
+    # Largest layers first on three threads: both cores stay busy to the end (with two threads in layer order
+    # one core idles for the last big layer, which made the floor about 20 % slower than it need be).
+    layers = sorted(image.layers, key=lambda la: la.descriptor.size, reverse=True)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        total = sum(pool.map(one, image.layers))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        total = sum(pool.map(one, layers))
     return time.perf_counter() - start, total
 
 
@@ -184,7 +187,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
         print(row("sconify convert docker-archive -> oci", conv))
         print(row("(a) skopeo copy docker-archive -> oci", skopeo))
-        print(f"| (b) work floor: read+sha256+AES-GCM+ISA-L, 2 threads | {floor_s:.2f} s | | | |")
+        print(f"| (b) work floor: read+sha256+AES-GCM+ISA-L, 3 threads | {floor_s:.2f} s | | | |")
         print(row("sconify convert oci -> oci, cold cache", cold))
         print(row("same image, top layer changed, warm cache", warm))
         print()

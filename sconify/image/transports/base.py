@@ -56,7 +56,9 @@ class Destination(Protocol):
         """Store a blob whose descriptor is known; the stream is already verified by its reader."""
         ...
 
-    def new_blob(self, media_type: str) -> BlobWriter: ...
+    def new_blob(self, media_type: str, size_hint: int | None = None) -> BlobWriter:
+        """A writer for a new blob; ``size_hint``, when given, is about how many bytes will be written."""
+        ...
 
     def mount_blob(self, desc: Descriptor, source: BlobSource) -> bool:
         """Make a blob present without copying its bytes, if the destination can; False otherwise."""

@@ -173,8 +173,8 @@ class DaemonDestination:
     def put_blob(self, desc: Descriptor, stream: Readable, progress: Callable[[int], None] | None = None) -> None:
         self._archive.put_blob(desc, stream, progress)
 
-    def new_blob(self, media_type: str) -> BlobWriter:
-        return self._archive.new_blob(media_type)
+    def new_blob(self, media_type: str, size_hint: int | None = None) -> BlobWriter:
+        return self._archive.new_blob(media_type, size_hint)
 
     def mount_blob(self, desc: Descriptor, source: BlobSource) -> bool:
         return False

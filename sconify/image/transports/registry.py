@@ -897,8 +897,8 @@ class RegistryDestination:
         self._done(upload)
         self.stats.add(blobs_uploaded=1)
 
-    def new_blob(self, media_type: str) -> _RegistryBlobWriter:
-        return _RegistryBlobWriter(self, media_type)
+    def new_blob(self, media_type: str, size_hint: int | None = None) -> _RegistryBlobWriter:
+        return _RegistryBlobWriter(self, media_type)  # uploads stream in chunks: the size needs no planning
 
     # -- manifests ----------------------------------------------------------------------------------------
 
