@@ -372,6 +372,14 @@ class SealingStream(io.RawIOBase):
         want = min(self._remaining, len(self._in))
         got = 0
         view = memoryview(self._in)
+        # A source that hands over a whole batch in one read is sealed from its bytes, without a copy.
+        first = self._source.read(want) if hasattr(self._source, "read") else b""
+        if len(first) == want and want:
+            self._seal(memoryview(first), want)
+            return
+        if first:
+            view[: len(first)] = first
+            got = len(first)
         while got < want:
             n = _read_into(self._source, view[got:want])
             if not n:
@@ -381,14 +389,18 @@ class SealingStream(io.RawIOBase):
                     f"{self._size} bytes its entry announces; the input is truncated."
                 )
             got += n
+        self._seal(view, got)
+
+    def _seal(self, data: memoryview, got: int) -> None:
         chunks = -(-got // self._cipher.chunk_size)
         entries = memoryview(self._entries)[: chunks * CHUNK_ENTRY_SIZE]
         out = memoryview(self._out) if self._cipher.encrypted else None
-        self._cipher.seal(self._index, view[:got], out, entries)
+        self._cipher.seal(self._index, data[:got], out, entries)
         self._chunks += entries
         self._index += chunks
         self._remaining -= got
-        self._view = memoryview(self._out)[:got]
+        # Authenticated content is stored as it is: the batch itself (``data``), not a copy.
+        self._view = (out if out is not None else data)[:got]
 
     def _complete(self) -> None:
         self.done = True

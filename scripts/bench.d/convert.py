@@ -7,7 +7,8 @@ Then the incremental case: the image plus a small top layer, converted cold; the
 top layer, converted again with the warm per-layer cache.
 
 Every timed run starts after ``sync`` (no writeback of an earlier run's output is pending), and the
-conversion, skopeo and the floor run ``--repeat`` times, interleaved; the tables show the medians.
+conversion, skopeo and the floor run ``--repeat`` times, interleaved, after one untimed warm-up round; the
+tables show the medians.
 
 Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--keep]``; prints a Markdown table.
 """
@@ -151,8 +152,9 @@ def main() -> None:
         skopeo_runs: list[Run] = []
         conv_runs: list[Run] = []
         floor_runs: list[float] = []
-        for attempt in range(args.repeat):
-            print(f"round {attempt + 1} of {args.repeat}: skopeo, sconify, floor ...", file=sys.stderr)
+        # One untimed round first: the first run after the image is built is slower for every tool.
+        for attempt in range(-1, args.repeat):
+            print(f"round {attempt + 1} of {args.repeat} (0: warm-up): skopeo, sconify, floor ...", file=sys.stderr)
             shutil.rmtree(work / "skopeo", ignore_errors=True)
             os.sync()
             skopeo_runs.append(timed(["skopeo", "copy", "-q", archive, f"oci:{work}/skopeo:v1"]))
@@ -163,6 +165,8 @@ def main() -> None:
                                     str(work / "p1"), *keys]))
             os.sync()
             floor_runs.append(floor(archive)[0])
+        # Drop the warm-up round.
+        skopeo_runs, conv_runs, floor_runs = skopeo_runs[1:], conv_runs[1:], floor_runs[1:]
         skopeo, conv = median_run(skopeo_runs), median_run(conv_runs)
         floor_s = sorted(floor_runs)[len(floor_runs) // 2]
         output_bytes = blob_bytes(work / "conv")
