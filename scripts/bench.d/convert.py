@@ -10,7 +10,8 @@ Every timed run starts after ``sync`` (no writeback of an earlier run's output i
 conversion, skopeo and the floor run ``--repeat`` times, interleaved, after one untimed warm-up round; the
 tables show the medians.
 
-Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--keep]``; prints a Markdown table.
+Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--settle 20] [--keep]``; prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--size", default="1.5GiB")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=20.0, help="seconds to wait after building the inputs")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sconify-bench-convert-", dir=os.environ.get("BENCH_DIR")))
@@ -148,6 +150,10 @@ def main() -> None:
                        capture_output=True)
         keys = ["--fspf-key", str(work / "fspf.key"), "--enclave-key", str(work / "enc.pem")]
         input_bytes = (work / "a.tar").stat().st_size
+        # Building the inputs writes about 8 GB; every tool runs slower while the system digests that, so the
+        # timed runs start after a pause (measured: about 10 % for sconify and skopeo alike).
+        os.sync()
+        time.sleep(args.settle)
 
         skopeo_runs: list[Run] = []
         conv_runs: list[Run] = []
