@@ -640,7 +640,8 @@ def _report(
         "regions": [r.to_json() for r in plan.regions],
         "region_stats": [s.__dict__ for s in plan.region_stats],
         "layers": [
-            {**a.to_json(), "output_digest": o.descriptor.digest, "output_size": o.descriptor.size, "result": o.action}
+            {**a.to_json(), "output_digest": o.descriptor.digest, "output_size": o.descriptor.size,
+             "output_media_type": o.descriptor.media_type, "result": o.action}
             for a, o in zip(plan.layers, outputs, strict=True)
         ],
         "protected_files": volume.files,
