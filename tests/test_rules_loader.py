@@ -153,3 +153,25 @@ def test_rules_list_and_show(tmp_path: Path) -> None:
     assert "--rules #1" in line and "my nginx" in line
     shown = CliRunner().invoke(cli, ["rules", "show", "nginx", "--rules", str(tmp_path)], standalone_mode=False)
     assert "description: my nginx" in shown.output
+
+
+def test_a_built_package_carries_the_shipped_rules_and_finds_them(tmp_path: Path) -> None:
+    """A wheel has no top-level rules/ beside the package: the build copies them to sconify/data/rules."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")], cwd=root,
+                   check=True, capture_output=True, timeout=120)
+    built = tmp_path / "lib" / "sconify" / "data" / "rules"
+    shipped = sorted(p.name for p in (root / "rules").glob("*.yaml"))
+    assert shipped and sorted(p.name for p in built.glob("*.yaml")) == shipped
+    for name in shipped:
+        assert (built / name).read_bytes() == (root / "rules" / name).read_bytes()
+    # Imported from the built tree (not the source tree), the loader finds and reads them.
+    probe = ("import sconify.rules.loader as l; from sconify.rules import load_rules; "
+             "print(l.shipped_rules_dir()); print(len(load_rules().rules))")
+    out = subprocess.run([sys.executable, "-P", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(tmp_path / "lib"), "PATH": "/usr/bin:/bin"}, timeout=60, check=True)
+    where, count = out.stdout.split()
+    assert Path(where) == built and int(count) == len(shipped)
