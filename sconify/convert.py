@@ -39,6 +39,7 @@ from sconify.image import mediatypes as mt
 from sconify.image.copy import manifest_bytes
 from sconify.image.model import Descriptor, Image, Platform, sha256_digest
 from sconify.image.reference import DOCKER, OCI, Reference
+from sconify.image.spool import BlobSpool
 from sconify.image.streams import GzipWriter
 from sconify.image.transports import TransportOptions, open_destination, open_image
 from sconify.image.transports.base import Destination
@@ -137,10 +138,15 @@ def prepare(
     progress: Progress = SILENT,
     header_cache: HeaderCache | None = None,
     defer_verification: bool = False,
+    spool: BlobSpool | None = None,
 ) -> Prepared:
     """Open, analyze, scan and plan; no output is written. With ``defer_verification`` some layers may be read
     unverified (see ``analyze_image``); the caller must then verify ``Prepared.unverified`` itself."""
     image = open_image(source, platform, transport)
+    if spool is not None:  # blobs from a registry are downloaded once, however often they are read
+        from dataclasses import replace
+
+        image = replace(image, source=spool.wrap(image.source))
     analyzed = analyze_image(
         with_command(image, options.command), load_rules(rules_dirs), source=str(source), progress=progress,
         cache=header_cache, defer_verification=defer_verification,
@@ -402,11 +408,23 @@ def _sign_image(dest_ref: Reference, digest: str, key: Any, transport: Transport
     return write_signature(open_destination(sig_ref, transport), sig)
 
 
-def convert(
+def convert(source: Reference, destination: Reference, options: ConvertOptions, **kwargs: Any) -> ConvertResult:
+    """Convert ``source`` into ``destination``; write the policy, signature, chart and report.
+
+    Keyword arguments are those of ``_convert``. Blobs read from a registry are kept in a private temporary
+    directory for the length of the conversion (about the size of the image's compressed layers), so that each
+    is downloaded once.
+    """
+    with BlobSpool() as spool:
+        return _convert(source, destination, options, spool=spool, **kwargs)
+
+
+def _convert(
     source: Reference,
     destination: Reference,
     options: ConvertOptions,
     *,
+    spool: BlobSpool | None = None,
     policy_out: Path,
     fspf_key_file: Path | None = None,
     enclave_key_file: Path | None = None,
@@ -422,7 +440,7 @@ def convert(
     progress: Progress = SILENT,
     cache: LayerCache | None = None,
 ) -> ConvertResult:
-    """Convert ``source`` into ``destination``; write the policy, signature, chart and report."""
+    """See ``convert``."""
     timings: dict[str, float] = {}
     started = time.monotonic()
 
@@ -444,7 +462,7 @@ def convert(
     # verifies every one of them in full before anything is committed.
     prepared = prepare(
         source, options, platform=platform, transport=src_transport, rules_dirs=rules_dirs, progress=progress,
-        header_cache=cache, defer_verification=True,
+        header_cache=cache, defer_verification=True, spool=spool,
     )
     image, plan, scan = prepared.image, prepared.plan, prepared.scan
     check_service_secrets(options.service_secrets, plan.service, options.env, extra_secrets, injections)

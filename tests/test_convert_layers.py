@@ -224,3 +224,33 @@ def test_a_layer_that_changes_between_the_analysis_and_the_conversion_is_refused
     with pytest.raises(IntegrityError, match="changed while sconify read it"):
         convert_image(_Source(ref), f"oci:{tmp_path / 'out'}:latest", tmp_path / "policy", keys, sign=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "policy").exists()
+
+
+def test_a_registry_source_is_downloaded_once_however_often_it_is_read(
+    registry, fixture_image, keys: Keys, tmp_path: Path, runtime, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    import collections
+    import tempfile
+
+    from infra.images import skopeo
+
+    from sconify.image.transports.registry import RegistryBlobSource
+
+    skopeo("copy", "--dest-tls-verify=false", fixture_image("python-app").reference,
+           registry.ref("spool/native", "1"))
+    fetched: collections.Counter[str] = collections.Counter()
+    real_open = RegistryBlobSource.open_blob
+
+    def counting_open(self: RegistryBlobSource, desc: Any) -> Any:
+        fetched[desc.digest] += 1
+        return real_open(self, desc)
+
+    monkeypatch.setattr(RegistryBlobSource, "open_blob", counting_open)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the spool goes
+    conv = convert_image(_Source(registry.ref("spool/native", "1")), f"oci:{tmp_path / 'out'}:latest",
+                         tmp_path / "policy", keys, sign=False)
+    report = conv.result.report
+    layers = [la["digest"] for la in report["layers"]]
+    assert any(la["result"] == "rewritten" for la in report["layers"])
+    assert all(fetched[d] == 1 for d in layers), fetched  # the analysis and the layer pass read them all
+    assert not list(tmp_path.glob("sconify-spool-*"))  # the spool is gone with the conversion
