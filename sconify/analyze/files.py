@@ -28,7 +28,7 @@ from typing import BinaryIO, Protocol
 from sconify.analyze.elf import ElfInfo, is_elf, parse_elf, scan_markers
 from sconify.errors import SconifyError
 from sconify.image.model import BlobSource, Descriptor, Image, Layer, Readable
-from sconify.image.streams import CHUNK, ReadStream
+from sconify.image.streams import CHUNK, ReadStream, is_seekable
 from sconify.image.tarfs.entry import Entry, EntryKind
 from sconify.image.tarfs.reader import EntryContent, read_layer
 from sconify.image.tree import FileTree
@@ -179,13 +179,6 @@ class _LocalTar(ReadStream):
             self._done(ReadFingerprint(tuple((a, b) for a, b in self._ranges), self._hash.hexdigest()))
 
 
-def _seekable(raw: object) -> bool:
-    try:
-        return bool(raw.seekable())  # type: ignore[attr-defined]
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
 class _CountingSource:
     """A BlobSource that counts the raw (compressed) bytes read from another one."""
 
@@ -304,7 +297,7 @@ class LayerReader:
         # An uncompressed blob (its digest is its DiffID) stored locally can be read in place, unverified.
         if self.defer_verification and not verified and layer.descriptor.digest == layer.diff_id:
             raw = layer.source.open_blob(layer.descriptor)
-            if _seekable(raw):
+            if is_seekable(raw):
                 with self._lock:
                     self.unverified.add(index)
 

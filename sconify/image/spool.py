@@ -16,16 +16,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sconify.image.model import BlobSource, Descriptor
-from sconify.image.streams import ReadStream
+from sconify.image.streams import ReadStream, is_seekable
 
 log = logging.getLogger(__name__)
-
-
-def _seekable(stream: object) -> bool:
-    try:
-        return bool(stream.seekable())  # type: ignore[attr-defined]
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 class BlobSpool:
@@ -97,7 +90,7 @@ class SpooledSource:
         if kept is not None:
             return open(kept, "rb")  # noqa: SIM115 - the caller closes it
         raw = self._inner.open_blob(desc)
-        if _seekable(raw):  # a local file: reading it again costs nothing
+        if is_seekable(raw):  # a local file: reading it again costs nothing
             return raw
         tmp = self._spool._claim(desc.digest)
         if tmp is None:

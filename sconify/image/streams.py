@@ -49,6 +49,14 @@ def _hasher(digest: str) -> hashlib._Hash:
     return hashlib.sha512() if algorithm == "sha512" else hashlib.sha256()
 
 
+def is_seekable(stream: object) -> bool:
+    """Whether ``stream`` says it can seek (a local file or archive member, not a network body)."""
+    try:
+        return bool(stream.seekable())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class ReadStream(io.RawIOBase):
     """A read-only stream defined by its ``read``; ``readinto`` copies from it (for callers that use either)."""
 
