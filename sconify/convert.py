@@ -494,7 +494,12 @@ def _convert(
             try:
                 # Largest layers first, so that no big layer starts last and runs alone at the end.
                 by_size = sorted(plan.layers, key=lambda a: image.layers[a.index].descriptor.size, reverse=True)
-                built = dict(zip((a.index for a in by_size), pool.map(builder.build, by_size), strict=True))
+                results = pool.map(builder.build, by_size)
+                # The runtime layer depends on nothing the layers produce: a worker builds it once one is free.
+                runtime_layer = pool.submit(
+                    _new_layer, dest, family, runtime_layer_entries(runtime, plan.runtime_path, mtime), mtime
+                )
+                built = dict(zip((a.index for a in by_size), results, strict=True))
             finally:
                 gc.unfreeze()
             outputs = [built[a.index] for a in plan.layers]
@@ -506,9 +511,7 @@ def _convert(
         if plan.executable and executable is None:
             raise ConversionError(f"the program {plan.executable} was not found in the layers of {plan.source}.")
         volume = _seal_volume(plan, outputs, regions, fspf_key, mtime)
-        runtime_desc, runtime_diff = _new_layer(
-            dest, family, runtime_layer_entries(runtime, plan.runtime_path, mtime), mtime
-        )
+        runtime_desc, runtime_diff = runtime_layer.result()
         protection_desc, protection_diff = _new_layer(dest, family, list(volume.entries()), mtime)
 
         t0 = time.monotonic()
@@ -579,12 +582,7 @@ def _convert(
             from sconify.enclave.keys import enclave_key_pem
 
             files["enclave-key.pem"] = enclave_key_pem(enclave_key)
-        sgxs_tmp = Path(tempfile.mkdtemp(prefix="sconify-sgxs-"))
-        try:
-            measurement.write_sgxs(sgxs_tmp / "enclave.sgxs")
-            files["enclave.sgxs"] = (sgxs_tmp / "enclave.sgxs").read_bytes()
-        finally:
-            shutil.rmtree(sgxs_tmp, ignore_errors=True)
+        files["enclave.sgxs"] = measurement.sgxs_bytes()
         chart = ChartSpec(
             name=plan.service,
             repository=destination.name or str(destination.path or "image"),

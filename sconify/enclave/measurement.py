@@ -57,6 +57,17 @@ class Measurement:
         """The canonical SGXS stream; its SHA-256 is ``mrenclave``."""
         return self.layout.iter_sgxs()
 
+    def sgxs_bytes(self) -> bytes:
+        """The SGXS stream in memory, checked on the way to hash to MRENCLAVE."""
+        h = hashlib.sha256()
+        parts = []
+        for chunk in self.iter_sgxs():
+            h.update(chunk)
+            parts.append(bytes(chunk))
+        if h.digest() != self.mrenclave:
+            raise AssertionError("the SGXS stream does not hash to the measured MRENCLAVE")
+        return b"".join(parts)
+
     def write_sgxs(self, path: Path, progress: Callable[[int], object] | None = None) -> None:
         """Write the SGXS stream to ``path`` atomically, checking on the way that it hashes to MRENCLAVE.
 

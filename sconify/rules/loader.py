@@ -10,9 +10,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
 from sconify.errors import UsageError
@@ -21,7 +20,20 @@ from sconify.rules.schema import CODE_PREFIX, RULE_SCHEMA, VARIABLES
 
 RULE_SUFFIXES = (".yaml", ".yml")
 _VAR_RE = re.compile(r"\$\{([^}]*)\}")
-_VALIDATOR = jsonschema.Draft202012Validator(RULE_SCHEMA)
+_VALIDATOR: Any = None
+
+if TYPE_CHECKING:
+    import jsonschema
+
+
+def _validator() -> Any:
+    """The rule schema's validator; jsonschema is imported on first use (it costs ~20 ms at start-up)."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import jsonschema
+
+        _VALIDATOR = jsonschema.Draft202012Validator(RULE_SCHEMA)
+    return _VALIDATOR
 
 
 def shipped_rules_dir() -> Path:
@@ -147,8 +159,12 @@ def _variable_issues(data: dict[str, Any], root: yaml.Node, file: str) -> list[R
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def parse_rule_text(text: str, file: str) -> tuple[dict[str, Any] | None, list[RuleIssue]]:
-    """Parse and validate one rule file's text; returns the data (None if unusable) and every issue found."""
+def parse_rule_text(text: str, file: str, *, schema: bool = True) -> tuple[dict[str, Any] | None, list[RuleIssue]]:
+    """Parse and validate one rule file's text; returns the data (None if unusable) and every issue found.
+
+    ``schema=False`` skips the JSON Schema (for the shipped rules, which the test suite validates); every other
+    check still runs.
+    """
     try:
         root = yaml.compose(text, Loader=_LOADER)
         data = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader
@@ -163,7 +179,8 @@ def parse_rule_text(text: str, file: str) -> tuple[dict[str, Any] | None, list[R
     if not isinstance(data, dict):
         return None, [RuleIssue(file, _line(root), "a rule file must be a mapping (name:, match:, regions:, ...)")]
     issues = _duplicate_keys(root, file)
-    for error in sorted(_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+    errors = _validator().iter_errors(data) if schema else ()
+    for error in sorted(errors, key=lambda e: list(map(str, e.absolute_path))):
         path = list(error.absolute_path)
         node = _node_at(root, path)
         if error.validator == "additionalProperties":
@@ -228,7 +245,7 @@ def rule_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in RULE_SUFFIXES and p.is_file())
 
 
-def check_dir(directory: Path) -> tuple[list[Rule], list[RuleIssue]]:
+def check_dir(directory: Path, *, schema: bool = True) -> tuple[list[Rule], list[RuleIssue]]:
     """Every rule of a directory and every issue found in it (files, lines, what is wrong)."""
     if not directory.is_dir():
         raise UsageError(f"rule directory {str(directory)!r} does not exist; give a directory of *.yaml rule files.")
@@ -241,7 +258,7 @@ def check_dir(directory: Path) -> tuple[list[Rule], list[RuleIssue]]:
         except (OSError, UnicodeDecodeError) as exc:
             issues.append(RuleIssue(str(path), None, f"cannot be read ({exc})"))
             continue
-        data, found = parse_rule_text(text, str(path))
+        data, found = parse_rule_text(text, str(path), schema=schema)
         issues += found
         if data is None:
             continue
@@ -254,8 +271,8 @@ def check_dir(directory: Path) -> tuple[list[Rule], list[RuleIssue]]:
     return rules, issues
 
 
-def _load_dir(directory: Path, rank: int) -> list[Rule]:
-    rules, issues = check_dir(directory)
+def _load_dir(directory: Path, rank: int, *, schema: bool = True) -> list[Rule]:
+    rules, issues = check_dir(directory, schema=schema)
     if issues:
         more = f" (and {len(issues) - 1} more problems)" if len(issues) > 1 else ""
         raise UsageError(f"invalid rule file {issues[0]}{more}; run 'sconify rules check {directory}' for all.")
@@ -267,7 +284,8 @@ def load_rules(user_dirs: Sequence[Path | str] = (), shipped: Path | None = None
     by_name: dict[str, Rule] = {}
     replaced: list[tuple[str, str, str]] = []
     for rank, directory in enumerate([shipped or shipped_rules_dir(), *map(Path, user_dirs)]):
-        for rule in _load_dir(Path(directory), rank):
+        # The rules shipped with sconify are checked against the schema by the test suite, not at every start.
+        for rule in _load_dir(Path(directory), rank, schema=not (rank == 0 and shipped is None)):
             if rule.name in by_name:
                 replaced.append((rule.name, by_name[rule.name].source, rule.source))
             by_name[rule.name] = rule
