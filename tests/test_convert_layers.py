@@ -254,3 +254,69 @@ def test_a_registry_source_is_downloaded_once_however_often_it_is_read(
     assert any(la["result"] == "rewritten" for la in report["layers"])
     assert all(fetched[d] == 1 for d in layers), fetched  # the analysis and the layer pass read them all
     assert not list(tmp_path.glob("sconify-spool-*"))  # the spool is gone with the conversion
+
+
+def _source_plaintexts(layout: Path) -> dict[bytes, tuple[str, int, bytes]]:
+    """Volume path -> (DiffID, content offset, content) of each visible regular file of an OCI layout."""
+    config, layers = _layers(layout)
+    out: dict[bytes, tuple[str, int, bytes]] = {}
+    for desc, diff_id in zip(layers, config["rootfs"]["diff_ids"], strict=True):
+        with tarfile.open(fileobj=io.BytesIO(_tar_bytes(layout, desc)), mode="r:") as tar:
+            for member in tar:
+                if member.isreg():
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    out[b"/" + member.name.lstrip("./").encode("utf-8", "surrogateescape")] = (
+                        diff_id, member.offset_data, data)
+    return out
+
+
+def _registry_volume(registry: Any, repository: str, tag: str) -> bytes:
+    """The FSPF metadata of an image in the test registry, read with plain HTTP calls."""
+    import requests
+
+    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    manifest = requests.get(f"{registry.url}/v2/{repository}/manifests/{tag}", headers={"Accept": accept},
+                            timeout=30).json()
+    blob = requests.get(f"{registry.url}/v2/{repository}/blobs/{manifest['layers'][-1]['digest']}", timeout=30)
+    data = blob.content
+    tar = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+        member = archive.extractfile(VOLUME)
+        assert member is not None
+        return member.read()
+
+
+@pytest.mark.parametrize("source_kind", ["local archive", "registry"])
+def test_nonces_into_a_registry_are_positional_only_for_bytes_verified_before_sealing(
+    source_kind: str, registry, fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    """Upload chunks leave the machine before a layer's end is verified: sealing a local file straight into a
+    registry uses synthetic nonces; a registry blob, verified whole into the spool first, may use positions."""
+    from infra.images import skopeo
+
+    fixture = fixture_image("python-app")
+    if source_kind == "registry":
+        skopeo("copy", "--dest-tls-verify=false", fixture.reference, registry.ref("nonces/native", "1"))
+        source = registry.ref("nonces/native", "1")
+    else:
+        source = _docker_archive(fixture, tmp_path / "src.tar")
+    repository = f"nonces/{source_kind.replace(' ', '-')}"
+    conv = convert_image(_Source(source), registry.ref(repository, "1"), tmp_path / "policy", keys, sign=False)
+    service = conv.service
+    key = bytes.fromhex(service["fspf_key"])
+    reader = SpecReader(_registry_volume(registry, repository, "1"), key, bytes.fromhex(service["fspf_tag"]))
+    sources = _source_plaintexts(Path(fixture.layout))
+    kinds = set()
+    for path, record in reader.records.items():
+        if record["kind"] != 1 or not record["chunks"]:
+            continue
+        diff_id, offset, plain = sources[path]
+        _, nonce_key = reader.file_keys(path)
+        digest = bytes.fromhex(diff_id.split(":", 1)[1])
+        for index, (nonce, _tag) in enumerate(record["chunks"]):
+            chunk = plain[index * reader.chunk : (index + 1) * reader.chunk]
+            synthetic = hmac.digest(nonce_key, struct.pack("<Q", index) + chunk, "sha256")[:12]
+            position = hmac.digest(nonce_key, b"layer\0" + digest + struct.pack("<QQ", offset, index), "sha256")[:12]
+            assert nonce in (synthetic, position), (path, index)
+            kinds.add("synthetic" if nonce == synthetic else "position")
+    assert kinds == ({"synthetic"} if source_kind == "local archive" else {"position"})

@@ -169,7 +169,7 @@ class LayerBuilder:
                 "regions": [(r.prefix.hex(), int(r.mode)) for r in self.regions.regions],
                 "key_id": self.key.key_id.hex(),
                 "chunk_size": self.chunk_size,
-                "nonces": "position v1",
+                "nonces": "position v1" if self._position_nonces(action.index) else "synthetic",
                 "program": self.executable if supplies_program else None,
                 "family": self.family,
                 "compression": self._output_compression(action),
@@ -206,6 +206,18 @@ class LayerBuilder:
             spool[0] if spool else None,
         )
         return out
+
+    def _position_nonces(self, index: int) -> bool:
+        """Whether layer ``index`` may be sealed with position nonces (docs/fspf.md, section 3.4): only when
+        nothing sealed from it can leave this machine before its whole stream is verified. That holds when the
+        destination stages everything locally until commit, or when the layer's bytes were verified before
+        this pass (a registry blob kept in the conversion's spool). Otherwise (a local file read straight into
+        a registry upload) the nonces are synthetic, a MAC of each chunk."""
+        if getattr(self.dest, "stages_locally", False):
+            return True
+        layer = self.image.layers[index]
+        holds = getattr(layer.source, "holds", None)
+        return bool(holds is not None and holds(layer.descriptor.digest))
 
     def _layer(self, index: int) -> Layer:
         """Source layer ``index``, read through a check of the analysis's unverified reads where there were any."""
@@ -346,8 +358,9 @@ class LayerBuilder:
         """Seal one visible protected entry (writing it to ``out`` when rewriting); None if not protected.
 
         Nonces name the content's place in the source layer (its DiffID and ``offset``, where the content
-        starts in the tar stream): the layer is read verified to its end before anything made from it is
-        committed, so that place determines the plaintext (docs/fspf.md, section 3.4).
+        starts in the tar stream) when ``_position_nonces`` allows it: the layer is read verified to its end
+        before anything made from it is committed, so that place determines the plaintext (docs/fspf.md,
+        section 3.4). Otherwise they are synthetic.
         """
         if not self._visible(index, entry) or not entry.path:
             return None
@@ -360,7 +373,7 @@ class LayerBuilder:
             return ProtectedRecord(entry)
         path = volume_path(entry.path)
         source = _Counting(content, update) if content is not None else None
-        position = SourcePosition(self.image.layers[index].diff_id, offset)
+        position = SourcePosition(self.image.layers[index].diff_id, offset) if self._position_nonces(index) else None
         cipher = self.key.chunk_cipher(path, mode, self.chunk_size, position)
         stream = SealingStream(collector, path, entry.size, source, cipher)  # type: ignore[arg-type]
         if out is not None:

@@ -131,7 +131,8 @@ class VolumeKey:
 
         Without ``position`` the nonces are synthetic (a MAC of each chunk's plaintext). With it they name
         the chunk's place in a verified source stream; the caller must then seal exactly the bytes found
-        there, and must not let any output made from them be committed unless that stream verified.
+        there, and must not let any output made from them leave the machine or be committed unless that
+        stream verified.
         """
         if not mode.protected:
             raise ValueError("not-protected files have no cipher")

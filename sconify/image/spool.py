@@ -85,6 +85,11 @@ class SpooledSource:
     def __getattr__(self, item: str) -> Any:
         return getattr(self._inner, item)
 
+    def holds(self, digest: str) -> bool:
+        """Whether the blob was read whole (and verified by that read) and is kept here."""
+        with self._spool._lock:
+            return digest in self._spool._done
+
     def open_blob(self, desc: Descriptor) -> BinaryIO:
         kept = self._spool._lookup(desc.digest)
         if kept is not None:

@@ -49,6 +49,10 @@ class Destination(Protocol):
     preferred_compression: str
     # Manifest families it can store, preferred first ("oci", "docker").
     families: tuple[str, ...]
+    # Whether blob bytes stay on this machine until ``commit`` (a layout or archive being staged), or leave it
+    # while they are written (a registry upload). The converter seals with position nonces only when nothing
+    # sealed from a stream that is not yet verified can leave the machine (docs/fspf.md, section 3.4).
+    stages_locally: bool
 
     def has_blob(self, desc: Descriptor) -> bool: ...
 

@@ -139,6 +139,7 @@ class DaemonDestination:
     and streamed as one archive into the engine's load on commit, then tagged as the reference says; nothing
     reaches the engine before that."""
 
+    stages_locally = True  # the engine gets the archive at commit, never before
     accepted_compressions = DockerArchiveDestination.accepted_compressions
     preferred_compression = DockerArchiveDestination.preferred_compression
     families: tuple[str, ...] = DockerArchiveDestination.families

@@ -181,6 +181,7 @@ class OciLayoutDestination:
     """Writes one image into an OCI layout; a new layout appears only complete, an existing one is updated
     by adding blobs and replacing index.json atomically."""
 
+    stages_locally = True
     accepted_compressions = frozenset({mt.GZIP, mt.ZSTD, mt.NONE})
     preferred_compression = mt.GZIP
     families: tuple[str, ...] = ("oci",)

@@ -796,6 +796,7 @@ class RegistryDestination:
     repository of the same registry, else uploaded in chunks), the manifest last, under the tag (or by digest).
     Nothing is tagged before ``commit``."""
 
+    stages_locally = False  # upload chunks leave the machine as they are written
     accepted_compressions = frozenset({mt.GZIP, mt.ZSTD, mt.NONE})
     preferred_compression = mt.GZIP
     families: tuple[str, ...] = ("oci", "docker")
