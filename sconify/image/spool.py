@@ -83,6 +83,8 @@ class SpooledSource:
         self.name = inner.name
 
     def __getattr__(self, item: str) -> Any:
+        if item.startswith("_"):  # never for private names (copying or unpickling asks before _inner exists)
+            raise AttributeError(item)
         return getattr(self._inner, item)
 
     def holds(self, digest: str) -> bool:
@@ -127,7 +129,7 @@ class _Keeping(ReadStream):
                 self._drop()
                 return data
             self._count += len(data)
-        elif n != 0:
+        if (not data and n != 0) or n is None or n < 0:  # the end of the blob (a read of "all" reaches it)
             self._end(self._count == self._desc.size)
         return data
 
