@@ -107,6 +107,7 @@ def test_rewritten_layers_of_mostly_ciphertext_are_stored_uncompressed_and_other
         rewritten = [la["index"] for la in report["layers"] if la["result"] == "rewritten"]
         assert rewritten
         out[choice] = [layers[i]["mediaType"] for i in rewritten]
+        assert [la["output_media_type"] for la in report["layers"]] == [d["mediaType"] for d in layers[:-2]]
         for i in rewritten:  # whatever the form, the blob is what the manifest says it is
             data = blob_path(tmp_path / choice, layers[i]["digest"]).read_bytes()
             assert (data[:2] == b"\x1f\x8b") == layers[i]["mediaType"].endswith("+gzip")

@@ -167,3 +167,36 @@ def test_passphrase_from_file_or_environment(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(KeyMaterialError):
         read_passphrase(empty, {})
+
+
+def _der_int(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + _der_len(len(body)) + body
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def test_an_inconsistent_key_is_refused_when_it_loads(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    """OpenSSL's slow full check is skipped; a key whose signatures do not verify is still refused at load.
+
+    The PKCS#1 file is written by hand (cryptography will not build such a key): this key's primes and private
+    exponents with another key's RSA-3072, exponent-3 modulus.
+    """
+    import base64
+
+    n = key.private_numbers()
+    other = generate_enclave_key().public_key().public_numbers()
+    fields = (0, other.n, other.e, n.d, n.p, n.q, n.dmp1, n.dmq1, n.iqmp)
+    body = b"".join(_der_int(v) for v in fields)
+    der = b"\x30" + _der_len(len(body)) + body
+    b64 = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    pem = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----\n"
+    (tmp_path / "bad.pem").write_text(pem)
+    with pytest.raises(KeyMaterialError, match="inconsistent.*does not verify"):
+        load_enclave_key(tmp_path / "bad.pem")

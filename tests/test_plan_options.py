@@ -26,3 +26,17 @@ def test_no_flags_are_the_defaults():
 def test_a_malformed_env_flag_is_refused():
     with pytest.raises(UsageError, match="NAME=VALUE"):
         options_from_flags({"env": ["NOEQUALS"]})
+
+
+def test_layer_compression_reaches_the_options_from_every_front_and_a_wrong_one_is_refused(tmp_path):
+    from sconify.batch.jobs import parse_jobs
+    from sconify.service.worker import convert_options
+
+    assert ConvertOptions().layer_compression == "auto"
+    assert options_from_flags({"layer_compression": "gzip"}).layer_compression == "gzip"
+    assert convert_options({"layer_compression": "none"}).layer_compression == "none"
+    jobs = parse_jobs({"jobs": [{"name": "a", "source": "oci:/x:1", "destination": "oci:/y:1",
+                                 "layer-compression": "gzip"}]}, tmp_path / "jobs.yaml")
+    assert jobs.specs[0].convert_options().layer_compression == "gzip"
+    with pytest.raises(UsageError, match="layer compression 'zip' is not one of auto, gzip, none"):
+        options_from_flags({"layer_compression": "zip"})
