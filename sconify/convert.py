@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -494,12 +494,18 @@ def _convert(
             try:
                 # Largest layers first, so that no big layer starts last and runs alone at the end.
                 by_size = sorted(plan.layers, key=lambda a: image.layers[a.index].descriptor.size, reverse=True)
-                results = pool.map(builder.build, by_size)
+                futures = {pool.submit(builder.build, a): a.index for a in by_size}
                 # The runtime layer depends on nothing the layers produce: a worker builds it once one is free.
                 runtime_layer = pool.submit(
                     _new_layer, dest, family, runtime_layer_entries(runtime, plan.runtime_path, mtime), mtime
                 )
-                built = dict(zip((a.index for a in by_size), results, strict=True))
+                # The enclave is measured as soon as the layer with the program is done, beside the others.
+                measuring = None if plan.executable else pool.submit(_measure, runtime, None, plan)
+                built: dict[int, LayerOutput] = {}
+                for future in as_completed(futures):
+                    built[futures[future]] = output = future.result()
+                    if measuring is None and output.executable is not None:
+                        measuring = pool.submit(_measure, runtime, output.executable, plan)
             finally:
                 gc.unfreeze()
             outputs = [built[a.index] for a in plan.layers]
@@ -507,22 +513,12 @@ def _convert(
             unchecked = [o.index for o in outputs if o.index in prepared.unverified and not o.verified]
             list(pool.map(builder.verify_source, unchecked))
         timings["layers"] = time.monotonic() - t0
-        executable = next((o.executable for o in outputs if o.executable is not None), None)
-        if plan.executable and executable is None:
+        if measuring is None:
             raise ConversionError(f"the program {plan.executable} was not found in the layers of {plan.source}.")
         volume = _seal_volume(plan, outputs, regions, fspf_key, mtime)
         runtime_desc, runtime_diff = runtime_layer.result()
         protection_desc, protection_diff = _new_layer(dest, family, list(volume.entries()), mtime)
-
-        t0 = time.monotonic()
-        measurement: Measurement = measure(
-            runtime.data,
-            executable,
-            plan.settings,
-            runtime_name=runtime.origin,
-            executable_name=plan.executable or "the executable",
-        )
-        timings["measure"] = time.monotonic() - t0
+        measurement, sgxs, timings["measure"] = measuring.result()
         mrenclave = measurement.mrenclave.hex()
         sigstruct = sign(
             SigstructBody.for_enclave(measurement.mrenclave, debug=plan.settings.debug, date=_signing_day(created)),
@@ -582,7 +578,7 @@ def _convert(
             from sconify.enclave.keys import enclave_key_pem
 
             files["enclave-key.pem"] = enclave_key_pem(enclave_key)
-        files["enclave.sgxs"] = measurement.sgxs_bytes()
+        files["enclave.sgxs"] = sgxs
         chart = ChartSpec(
             name=plan.service,
             repository=destination.name or str(destination.path or "image"),
@@ -624,6 +620,19 @@ def _convert(
         timings=timings,
         report=report,
     )
+
+
+def _measure(runtime: Runtime, executable: bytes | None, plan: Plan) -> tuple[Measurement, bytes, float]:
+    """The enclave's measurement, its SGXS stream (checked against it), and the seconds this took."""
+    t0 = time.monotonic()
+    measurement = measure(
+        runtime.data,
+        executable,
+        plan.settings,
+        runtime_name=runtime.origin,
+        executable_name=plan.executable or "the executable",
+    )
+    return measurement, measurement.sgxs_bytes(), time.monotonic() - t0
 
 
 def _signing_day(created: str) -> dt.date:

@@ -329,12 +329,39 @@ def _check_env(pairs: Sequence[tuple[str, str]]) -> None:
             raise UsageError(f"--env {name} is set by sconify itself; use the matching option instead.")
 
 
+class _ModeLookup:
+    """``region_for(regions, path).mode`` for many paths: a dictionary walk up the path, with each directory's
+    answer kept (the files of one directory share it)."""
+
+    def __init__(self, regions: Sequence[Region]) -> None:
+        self._exact = {r.path: r.mode for r in regions}
+        self._dirs: dict[str, str] = {}
+
+    def _dir(self, path: str) -> str:
+        unknown = []
+        mode = self._exact.get(path) or self._dirs.get(path)
+        while mode is None:
+            unknown.append(path)
+            path = posixpath.dirname(path)
+            mode = self._exact.get(path) or self._dirs.get(path)
+            if mode is None and path == "/":
+                raise AssertionError("a root region is always present")
+        for path in unknown:
+            self._dirs[path] = mode
+        return mode
+
+    def __call__(self, path: str) -> str:
+        """The mode of the region deciding the absolute ``path``."""
+        return self._exact.get(path) or self._dir(posixpath.dirname(path))
+
+
 def _layer_actions(layers: Sequence[LayerFacts], regions: Sequence[Region]) -> tuple[LayerAction, ...]:
     actions = []
+    mode_of = _ModeLookup(regions)
     for facts in layers:
         enc_files = enc_bytes = dropped = 0
         for path, size, visible in facts.files:
-            if region_for(regions, "/" + path).mode != "encrypted":
+            if mode_of("/" + path) != "encrypted":
                 continue
             if visible:
                 enc_files += 1
@@ -353,10 +380,11 @@ def _layer_actions(layers: Sequence[LayerFacts], regions: Sequence[Region]) -> t
 
 def _region_stats(layers: Sequence[LayerFacts], regions: Sequence[Region]) -> tuple[RegionStats, ...]:
     counts = {mode: [0, 0] for mode in MODES}
+    mode_of = _ModeLookup(regions)
     for facts in layers:
         for path, size, visible in facts.files:
             if visible:
-                mode = region_for(regions, "/" + path).mode
+                mode = mode_of("/" + path)
                 counts[mode][0] += 1
                 counts[mode][1] += size
     return tuple(RegionStats(mode, n, b) for mode, (n, b) in counts.items())

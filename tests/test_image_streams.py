@@ -203,6 +203,32 @@ def test_tar_writer_passes_bytes_through_and_leaves_the_diff_id_to_the_blob_dige
         assert buf.getvalue() == b"plain cipher" and w.diff_id is None and w.uncompressed_size == 12
 
 
+@pytest.mark.parametrize("sink", [GzipWriter, TarWriter])
+def test_a_sink_moved_to_a_thread_mid_stream_gives_the_same_bytes(sink: type) -> None:
+    parts = [(b"text " * 30000, False), (os.urandom(200000), True), (b"more" * 5000, False), (os.urandom(70000), True)]
+    outs = []
+    for switch_at in (None, 0, 2):
+        buf = io.BytesIO()
+        w = sink(buf)
+        for n, (part, incompressible) in enumerate(parts):
+            if n == switch_at:
+                w.go_background()  # from here on, a thread of its own does the work
+            (w.write_incompressible if incompressible else w.write)(part)
+        threaded = w._thread is not None
+        w.close()
+        assert threaded == (switch_at is not None)
+        outs.append((buf.getvalue(), w.diff_id, w.uncompressed_size))
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_a_closed_sink_does_not_start_a_thread() -> None:
+    w = TarWriter(io.BytesIO())
+    w.write(b"x")
+    w.close()
+    w.go_background()
+    assert w._thread is None
+
+
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_small_blob_that_inflates_hugely_is_read_in_bounded_memory(kind: str) -> None:
     import resource

@@ -1,9 +1,11 @@
 """One mapping from `sconify convert`'s flag names to ConvertOptions, shared by the CLI, job files and routes."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sconify.errors import UsageError
-from sconify.plan import DEFAULT_CAS, ConvertOptions, options_from_flags
+from sconify.plan import DEFAULT_CAS, MODES, ConvertOptions, Region, _ModeLookup, options_from_flags, region_for
 
 
 def test_flags_in_every_shape_give_the_same_options():
@@ -40,3 +42,21 @@ def test_layer_compression_reaches_the_options_from_every_front_and_a_wrong_one_
     assert jobs.specs[0].convert_options().layer_compression == "gzip"
     with pytest.raises(UsageError, match="layer compression 'zip' is not one of auto, gzip, none"):
         options_from_flags({"layer_compression": "zip"})
+
+
+_PARTS = st.sampled_from(["a", "b", "app", "lib", "a.b"])
+_PATHS = st.lists(_PARTS, min_size=1, max_size=6).map(lambda parts: "/" + "/".join(parts))
+
+
+@given(
+    regions=st.dictionaries(_PATHS, st.sampled_from(MODES), max_size=6),
+    root=st.sampled_from(MODES),
+    paths=st.lists(_PATHS, min_size=1, max_size=40),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_plans_fast_mode_lookup_agrees_with_region_for(regions, root, paths):
+    """The plan counts files per region with a per-directory lookup; it must pick what ``region_for`` picks."""
+    table = [Region("/", root, "", "")] + [Region(p, m, "", "") for p, m in regions.items()]
+    lookup = _ModeLookup(table)
+    for path in paths + paths:  # the second round is answered from what the first one kept
+        assert lookup(path) == region_for(table, path).mode

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -20,7 +22,7 @@ from sconify.fspf.writer import SealingStream, volume_path
 from sconify.image import mediatypes as mt
 from sconify.image.copy import transfer_layer
 from sconify.image.model import Descriptor, Image, Layer, Readable
-from sconify.image.streams import CHUNK, CheckedSource, GzipWriter, RangeFingerprint, TarWriter
+from sconify.image.streams import CHUNK, CheckedSource, GzipWriter, LayerSink, RangeFingerprint, TarWriter
 from sconify.image.tarfs import Entry, EntryKind, LayerWriter, read_layer
 from sconify.image.transports.base import Destination
 from sconify.plan import LAYER_COMPRESSIONS, LayerAction
@@ -116,6 +118,13 @@ class LayerBuilder:
         # there are fewer layers to rewrite than cores; otherwise the layers themselves keep the cores busy
         # and the hand-over between threads only costs. Gzip output always has its own thread.
         self.pipelined = pipelined
+        # Builds running now, and the sinks of the rewrites among them: when a build ends and leaves a core
+        # idle, the rewrites still running move their hashing and writing to a thread of their own, so that the
+        # last big layer does not run on one core alone.
+        self._lock = threading.Lock()
+        self._running = 0
+        self._sinks: set[LayerSink] = set()
+        self._cores = os.cpu_count() or 1
         # Source layers the analysis read unverified: every read of them here also checks what it saw.
         self.checks = dict(checks or {})
         self.image = image
@@ -179,6 +188,26 @@ class LayerBuilder:
 
     def build(self, action: LayerAction) -> LayerOutput:
         """The output of one source layer, from the cache when the same work was done before."""
+        with self._lock:
+            self._running += 1
+        try:
+            return self._build_cached(action)
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running < self._cores:
+                    for sink in self._sinks:
+                        sink.go_background()
+
+    def _sink(self, sink: LayerSink) -> LayerSink:
+        """Register a rewrite's sink (see ``__init__``), in a thread of its own already if a core is idle."""
+        with self._lock:
+            self._sinks.add(sink)
+            if self._running < self._cores:
+                sink.go_background()
+        return sink
+
+    def _build_cached(self, action: LayerAction) -> LayerOutput:
         if self.cache is None:
             return self._build(action, None)
         key = self._cache_key(action)
@@ -284,8 +313,8 @@ class LayerBuilder:
         if spool is not None:
             writer = _Tee(writer, spool)
         # Compression and hashing run beside the tar parsing and sealing: two cores for one layer.
-        gz = (GzipWriter(writer, background=True) if compression == mt.GZIP
-              else TarWriter(writer, background=self.pipelined))
+        gz = self._sink(GzipWriter(writer, background=True) if compression == mt.GZIP
+                        else TarWriter(writer, background=self.pipelined))
         try:
             with self.progress.task(f"rewrite layer {index}", None) as bar, layer.open_tar() as tar:
                 out = LayerWriter(gz, what=f"the rewritten {what}")
@@ -315,6 +344,9 @@ class LayerBuilder:
             gz.abandon()
             writer.abort()
             raise
+        finally:
+            with self._lock:
+                self._sinks.discard(gz)
         desc = writer.commit()
         diff_id = gz.diff_id or desc.digest  # an uncompressed layer's DiffID is its digest
         return LayerOutput(index, desc, diff_id, "rewritten", tuple(records), executable, gz.uncompressed_size,

@@ -165,7 +165,13 @@ class RegionTable:
             candidate = candidate.rsplit(b"/", 1)[0] or b"/"
 
     def mode_for(self, path: bytes) -> RegionMode:
-        return self.region_for(path).mode
+        """The mode of ``region_for(path)``, without making the region."""
+        candidate = path
+        while True:
+            mode = self._by_prefix.get(candidate)
+            if mode is not None:
+                return mode
+            candidate = candidate.rsplit(b"/", 1)[0] or b"/"
 
     def protected_at_or_below(self, path: bytes) -> bool:
         """True when ``path`` or anything inside it may be protected (so a walk must look inside)."""

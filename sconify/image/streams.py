@@ -520,7 +520,7 @@ class HashingWriter:
         return "sha256:" + self._hash.hexdigest()
 
 
-class _LayerSink:
+class LayerSink:
     """The writing end of a new layer's blob: hashing, (optional) compression and the writes downstream,
     either inline or in a thread of their own fed through a small bounded queue, so that a layer's producer
     (tar parsing, sealing) and its consumer use two cores; the output is the same bytes either way.
@@ -537,10 +537,21 @@ class _LayerSink:
         self._queue: queue.Queue[tuple[bytes, bool] | None] | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
+        self._wanted = False  # set from any thread by ``go_background``; acted on by the producer's next write
         if background:
-            self._queue = queue.Queue(self.QUEUE_CHUNKS)
-            self._thread = threading.Thread(target=self._drain, name="layer-sink", daemon=True)
-            self._thread.start()
+            self._start()
+
+    def _start(self) -> None:
+        self._queue = queue.Queue(self.QUEUE_CHUNKS)
+        self._thread = threading.Thread(target=self._drain, name="layer-sink", daemon=True)
+        self._thread.start()
+
+    def go_background(self) -> None:
+        """Move the rest of the work to a thread of its own, from the producer's next write on (callable from
+        any thread; the bytes and their order do not change). For a sink that started inline because the
+        cores were busy, and now has one to itself."""
+        self._wanted = True
 
     def _consume(self, data: bytes, incompressible: bool) -> None:
         raise NotImplementedError
@@ -562,6 +573,8 @@ class _LayerSink:
 
     def _put(self, data: bytes, incompressible: bool) -> int:
         self.uncompressed_size += len(data)
+        if self._queue is None and self._wanted and not self._closed:
+            self._start()
         if self._queue is None:
             self._consume(data, incompressible)
         else:
@@ -577,6 +590,7 @@ class _LayerSink:
         return self._put(data, True)
 
     def close(self) -> None:
+        self._closed = True
         if self._queue is not None and self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -587,6 +601,7 @@ class _LayerSink:
 
     def abandon(self) -> None:
         """Stop the background thread after an error on the producer's side; nothing more is written."""
+        self._closed = True
         if self._queue is not None and self._thread is not None:
             self._error = self._error or RuntimeError("abandoned")
             self._queue.put(None)
@@ -604,7 +619,7 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _STORED_MAX = 0xFFFF  # the largest stored deflate block
 
 
-class GzipWriter(_LayerSink):
+class GzipWriter(LayerSink):
     """Deterministic streaming gzip (no name, no time) into a writable, with the DiffID of the input.
 
     Ordinary bytes go through ISA-L's deflate; incompressible bytes (``write_incompressible``) are written as
@@ -655,7 +670,7 @@ class GzipWriter(_LayerSink):
         return "sha256:" + self._diff.hexdigest()
 
 
-class TarWriter(_LayerSink):
+class TarWriter(LayerSink):
     """An uncompressed layer: the bytes go downstream unchanged (the blob digest is the DiffID)."""
 
     def _consume(self, data: bytes, incompressible: bool) -> None:
