@@ -1,5 +1,5 @@
 """Allow ``python -m sconify``."""
 
-from sconify.cli import main
+from sconify.cli import run
 
-main()
+run()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+import threading
 from typing import Any
 
 import click
@@ -114,3 +117,33 @@ def main(argv: list[str] | None = None) -> Any:
         )
         sys.exit(EXIT_INTERNAL)
     sys.exit(0)
+
+
+def run() -> None:
+    """The console script: ``main``, then a quick exit.
+
+    Tearing the interpreter down (some 350 modules) takes longer than many a short command; once the command
+    is done and only this thread is left, the exit handlers run (log handlers, temporary files), the standard
+    streams are flushed and the process ends without the teardown. Otherwise it exits the ordinary way.
+    """
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if threading.active_count() > 1 or not isinstance(code, int | None):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as exc:  # the results could not be written out (disk full): the command did not succeed
+        click.echo(f"sconify: error: cannot write the output: {exc.strerror or exc}.", err=True)
+        code = code or EXIT_OS
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code or 0)
+
