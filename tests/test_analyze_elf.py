@@ -1,9 +1,12 @@
-"""ELF facts with pyelftools, judged against binutils' readelf, and the dynamic loader's library search."""
+"""ELF facts, judged against pyelftools and binutils' readelf, and the dynamic loader's library search."""
 
 from __future__ import annotations
 
 import io
+import os
+import random
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +209,145 @@ def test_ld_so_conf_includes_are_followed_in_name_order() -> None:
     dirs, read = parse_ld_so_conf(files.get, glob)
     assert dirs == ["/opt/a/lib", "/opt/b/lib", "/usr/local/lib"]
     assert "/etc/ld.so.conf.d/README" not in read
+
+
+def _pyelftools_facts(f: io.BufferedIOBase | io.BytesIO) -> tuple:
+    """The facts as pyelftools reads them: the independent judge of sconify's own ELF reader."""
+    from elftools.elf.elffile import ELFFile
+
+    elf = ELFFile(f)
+    interp, needed, rpath, runpath, soname, flags_1, dynamic = None, [], [], [], None, 0, False
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_INTERP":
+            interp = seg.get_interp_name()
+        elif seg["p_type"] == "PT_DYNAMIC":
+            dynamic = True
+            for tag in seg.iter_tags():
+                name = tag.entry.d_tag
+                if name == "DT_NEEDED":
+                    needed.append(tag.needed)
+                elif name == "DT_RPATH":
+                    rpath += [p for p in tag.rpath.split(":") if p]
+                elif name == "DT_RUNPATH":
+                    runpath += [p for p in tag.runpath.split(":") if p]
+                elif name == "DT_SONAME":
+                    soname = tag.soname
+                elif name == "DT_FLAGS_1":
+                    flags_1 = int(tag.entry.d_val)
+    kind = {"ET_EXEC": "exec", "ET_DYN": "dyn", "ET_REL": "rel", "ET_CORE": "core"}[elf["e_type"]]
+    return (elf.elfclass, elf.little_endian, kind, interp, tuple(needed), tuple(rpath), tuple(runpath), soname,
+            dynamic, bool(flags_1 & 0x08000000))
+
+
+def _facts(info: ElfInfo) -> tuple:
+    return (info.elf_class, info.little_endian, info.type, info.interpreter, info.needed, info.rpath, info.runpath,
+            info.soname, info.has_dynamic, info.pie_flag)
+
+
+def _host_elfs(limit: int) -> list[Path]:
+    found = []
+    for folder in ("/usr/bin", "/usr/sbin", "/usr/lib/x86_64-linux-gnu", sys.base_prefix + "/lib"):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name) if os.path.isdir(folder) else ():
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_size > 64:
+                with open(entry.path, "rb") as f:
+                    if f.read(4) == b"\x7fELF":
+                        found.append(Path(entry.path))
+    step = max(1, len(found) // limit)
+    return found[::step][:limit]
+
+
+def test_the_facts_of_this_machines_programs_and_libraries_match_pyelftools() -> None:
+    paths = _host_elfs(400)
+    assert len(paths) > 100
+    dynamic = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            info = parse_elf(f, str(path))
+            f.seek(0)
+            assert info.error is None, (path, info.error)
+            assert _facts(info) == _pyelftools_facts(f), path
+            dynamic += bool(info.needed)
+    assert dynamic > len(paths) // 2  # the sample is mostly dynamic programs and libraries, with DT_NEEDED to read
+
+
+def _synthetic_elf(elf_class: int, little: bool, strtab_mapped: bool) -> bytes:
+    """A small ELF of either class and byte order: PT_INTERP, PT_LOAD, PT_DYNAMIC (NEEDED, RUNPATH, SONAME,
+    FLAGS_1) and a section table with .dynstr. Without ``strtab_mapped`` no PT_LOAD maps DT_STRTAB's address, so
+    the string table is found through the section headers, as pyelftools and readelf do."""
+    o = "<" if little else ">"
+    strings = b"\0libfoo.so.1\0/opt/lib:$ORIGIN\0libself.so\0libbar.so\0"
+    shstr = b"\0.dynstr\0.shstrtab\0"
+    interp = b"/lib/ld-test.so.1\0"
+    word = "Q" if elf_class == 64 else "I"
+    ehsize, phsize, shsize = (64, 56, 64) if elf_class == 64 else (52, 32, 40)
+    dyn_fmt = o + ("qQ" if elf_class == 64 else "iI")
+    phnum = 3
+    interp_at = ehsize + phnum * phsize
+    strtab_at = interp_at + len(interp)
+    shstr_at = strtab_at + len(strings)
+    dyn_at = (shstr_at + len(shstr) + 7) & ~7
+    dynamic = [(5, 0x400000 + strtab_at if strtab_mapped else 0x900000), (1, 1), (29, 13), (14, 30), (1, 41),
+               (0x6FFFFFFB, 0x08000001), (0, 0)]
+    dyn = b"".join(struct.pack(dyn_fmt, t, v) for t, v in dynamic)
+    sh_at = dyn_at + len(dyn)
+    size = sh_at + 3 * shsize
+
+    def phdr(p_type: int, offset: int, vaddr: int, filesz: int) -> bytes:
+        if elf_class == 64:
+            return struct.pack(o + "IIQQQQQQ", p_type, 4, offset, vaddr, vaddr, filesz, filesz, 8)
+        return struct.pack(o + "IIIIIIII", p_type, offset, vaddr, vaddr, filesz, filesz, 4, 4)
+
+    def shdr(name: int, sh_type: int, offset: int, length: int) -> bytes:
+        fmt = o + ("IIQQQQIIQQ" if elf_class == 64 else "IIIIIIIIII")
+        return struct.pack(fmt, name, sh_type, 0, 0, offset, length, 0, 0, 1, 0)
+
+    ident = b"\x7fELF" + bytes([1 if elf_class == 32 else 2, 1 if little else 2, 1]) + bytes(9)
+    header = ident + struct.pack(o + "HHI" + word * 3 + "IHHHHHH", 3, 20 if elf_class == 32 else 21, 1, 0,
+                                 ehsize, sh_at, 0, ehsize, phsize, phnum, shsize, 3, 2)
+    load_size = dyn_at if strtab_mapped else interp_at
+    data = (header + phdr(3, interp_at, 0x400000 + interp_at, len(interp)) + phdr(1, 0, 0x400000, load_size)
+            + phdr(2, dyn_at, 0x400000 + dyn_at, len(dyn)) + interp + strings + shstr)
+    data += bytes(dyn_at - len(data)) + dyn
+    data += bytes(shsize) + shdr(1, 3, strtab_at, len(strings)) + shdr(9, 3, shstr_at, len(shstr))
+    assert len(data) == size
+    return data
+
+
+@pytest.mark.parametrize("elf_class", [32, 64])
+@pytest.mark.parametrize("little", [True, False], ids=["little-endian", "big-endian"])
+@pytest.mark.parametrize("strtab_mapped", [True, False], ids=["strtab-mapped", "strtab-by-section"])
+def test_either_class_and_byte_order_match_pyelftools_and_readelf(
+    tmp_path: Path, elf_class: int, little: bool, strtab_mapped: bool
+) -> None:
+    data = _synthetic_elf(elf_class, little, strtab_mapped)
+    info = parse_elf(io.BytesIO(data), "synthetic")
+    assert info.error is None, info.error
+    assert _facts(info) == _pyelftools_facts(io.BytesIO(data))
+    assert info.needed == ("libfoo.so.1", "libbar.so") and info.runpath == ("/opt/lib", "$ORIGIN")
+    assert info.soname == "libself.so" and info.interpreter == "/lib/ld-test.so.1" and info.pie_flag
+    assert info.machine == ("ppc" if elf_class == 32 else "ppc64") and info.type == "dyn"
+    path = tmp_path / "synthetic"
+    path.write_bytes(data)
+    assert _readelf_dynamic(path) == {"NEEDED": ["libfoo.so.1", "libbar.so"], "RPATH": [],
+                                      "RUNPATH": ["/opt/lib", "$ORIGIN"]}
+    assert _readelf_header(path)["interp"] == "/lib/ld-test.so.1"
+
+
+def test_damaged_elf_files_never_raise_and_keep_their_identity() -> None:
+    rng = random.Random(20261126)
+    sources = [p.read_bytes() for p in _host_elfs(400) if p.stat().st_size < 4 << 20][:6]
+    sources.append(_synthetic_elf(64, True, False))
+    assert len(sources) >= 3
+    errors = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(sources))
+        data = data[: rng.choice([16, 52, 64, 300, 4096, len(data)])]
+        for _ in range(rng.randint(1, 6)):  # mostly in the headers, where the offsets and counts are
+            data[rng.randrange(min(len(data), rng.choice([64, 512, 4096, len(data)])))] = rng.randrange(256)
+        info = parse_elf(io.BytesIO(bytes(data)), "damaged")
+        if info.error is not None:
+            errors += 1
+            assert info.type == "unknown" and not info.needed
+        else:
+            assert info.elf_class in (32, 64)
+    assert 0 < errors < 3000

@@ -1,36 +1,35 @@
 """ELF facts the analyzer needs (class, machine, static or dynamic, PIE, PT_INTERP, DT_NEEDED, RPATH,
-RUNPATH, libc flavour), read with pyelftools, and the dynamic loader's library search inside an image."""
+RUNPATH, libc flavour), read from the ELF header, the program headers and the dynamic segment (System V ABI,
+chapters 4 and 5), and the dynamic loader's library search inside an image."""
 
 from __future__ import annotations
 
 import logging
 import posixpath
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
 
 log = logging.getLogger(__name__)
 
 ELF_MAGIC = b"\x7fELF"
 DF_1_PIE = 0x08000000
 
-# e_machine names in the words people use (and ``uname -m`` prints).
+# e_machine values in the words people use (and ``uname -m`` prints); others are shown as "e_machine N".
 MACHINES = {
-    "EM_X86_64": "x86-64",
-    "EM_386": "i386",
-    "EM_AARCH64": "aarch64",
-    "EM_ARM": "arm",
-    "EM_RISCV": "riscv",
-    "EM_PPC64": "ppc64",
-    "EM_PPC": "ppc",
-    "EM_S390": "s390x",
-    "EM_MIPS": "mips",
-    "EM_LOONGARCH": "loongarch",
+    62: "x86-64",
+    3: "i386",
+    183: "aarch64",
+    40: "arm",
+    243: "riscv",
+    21: "ppc64",
+    20: "ppc",
+    22: "s390x",
+    8: "mips",
+    258: "loongarch",
 }
-ELF_TYPES = {"ET_EXEC": "exec", "ET_DYN": "dyn", "ET_REL": "rel", "ET_CORE": "core"}
+ELF_TYPES = {1: "rel", 2: "exec", 3: "dyn", 4: "core"}
 
 # Byte strings whose presence in a file tells which C library (or none) it was built with.
 _LIBC_MARKERS = (
@@ -111,72 +110,192 @@ def scan_markers(chunks: Iterable[bytes]) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+class ElfFormatError(ValueError):
+    """The file starts like an ELF but its headers do not hold together."""
+
+
+PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
+DT_NULL, DT_NEEDED, DT_STRTAB, DT_SONAME, DT_RPATH, DT_RUNPATH, DT_FLAGS_1 = 0, 1, 5, 14, 15, 29, 0x6FFFFFFB
+PN_XNUM = 0xFFFF
+MAX_PROGRAM_HEADERS = 65536
+MAX_DYNAMIC_BYTES = 1 << 20  # far more than any dynamic segment (entries of 16 bytes)
+MAX_STRING = 1 << 16  # a path or library name in the dynamic string table
+
+# (header after e_ident, program header, section header, dynamic entry) for ELFCLASS32 and ELFCLASS64, without
+# the byte order. Header: e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize,
+# e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx. Program header: p_type, then the class's field order.
+_LAYOUTS = {
+    1: ("HHIIIIIHHHHHH", "IIIIIIII", "IIIIIIIIII", "iI"),
+    2: ("HHIQQQIHHHHHH", "IIQQQQQQ", "IIQQQQIIQQ", "qQ"),
+}
+
+
+class _ElfReader:
+    """The parts of one ELF file the analysis reads, from a seekable binary file, with every offset and count
+    checked against the file's length."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        f.seek(0, 2)
+        self._size = f.tell()
+        ident = self._at(0, 16)
+        if not ident.startswith(ELF_MAGIC):
+            raise ElfFormatError("no ELF magic")
+        self.elf_class = {1: 32, 2: 64}.get(ident[4], 0)
+        if not self.elf_class:
+            raise ElfFormatError(f"unknown ELF class {ident[4]}")
+        if ident[5] not in (1, 2):
+            raise ElfFormatError(f"unknown ELF data encoding {ident[5]}")
+        self.little_endian = ident[5] == 1
+        order = "<" if self.little_endian else ">"
+        header, phdr, shdr, dyn = (struct.Struct(order + f) for f in _LAYOUTS[ident[4]])
+        self._phdr, self._shdr, self._dyn = phdr, shdr, dyn
+        (self.type, self.machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
+         shstrndx) = header.unpack(self._at(16, header.size))
+        self._shoff, self._shentsize, self._shnum, self._shstrndx = shoff, shentsize, shnum, shstrndx
+        if phnum == PN_XNUM:  # the real count is in section 0's sh_info
+            phnum = self._section(0)[7]
+        if phnum and phentsize < phdr.size:
+            raise ElfFormatError(f"program header entries of {phentsize} bytes")
+        if phnum > MAX_PROGRAM_HEADERS:
+            raise ElfFormatError(f"{phnum} program headers")
+        self.segments: list[tuple[int, int, int, int]] = []  # (p_type, p_offset, p_vaddr, p_filesz)
+        table = self._at(phoff, phnum * phentsize) if phnum else b""
+        for i in range(phnum):
+            fields = phdr.unpack_from(table, i * phentsize)
+            if self.elf_class == 64:  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, ...
+                self.segments.append((fields[0], fields[2], fields[3], fields[5]))
+            else:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz, ...
+                self.segments.append((fields[0], fields[1], fields[2], fields[4]))
+
+    def _at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ElfFormatError(f"{length} bytes at offset {offset} lie outside the file ({self._size} bytes)")
+        self._f.seek(offset)
+        data = self._f.read(length)
+        if len(data) != length:
+            raise ElfFormatError(f"short read at offset {offset}")
+        return data
+
+    def _section(self, index: int) -> tuple[int, ...]:
+        if self._shentsize < self._shdr.size or self._shoff == 0:
+            raise ElfFormatError("no usable section header table")
+        return self._shdr.unpack(self._at(self._shoff + index * self._shentsize, self._shdr.size))
+
+    def string(self, offset: int) -> bytes:
+        """The NUL-terminated string at file ``offset``."""
+        data = b""
+        while len(data) < MAX_STRING:
+            piece = self._at(offset + len(data), min(4096, self._size - offset - len(data)))
+            if not piece:
+                break
+            end = piece.find(b"\0")
+            if end >= 0:
+                return data + piece[:end]
+            data += piece
+        raise ElfFormatError(f"a string at offset {offset} has no end")
+
+    def interpreter(self) -> str | None:
+        for p_type, offset, _, filesz in self.segments:
+            if p_type == PT_INTERP:
+                return self._at(offset, filesz).split(b"\0", 1)[0].decode()
+        return None
+
+    def dynamic(self) -> list[tuple[int, int]] | None:
+        """The dynamic segment's (d_tag, d_val) entries up to DT_NULL, or None without a PT_DYNAMIC."""
+        for p_type, offset, _, filesz in self.segments:
+            if p_type == PT_DYNAMIC:
+                if filesz > MAX_DYNAMIC_BYTES:
+                    raise ElfFormatError(f"a dynamic segment of {filesz} bytes")
+                data = self._at(offset, filesz)
+                entries = []
+                for tag, value in self._dyn.iter_unpack(data[: len(data) - len(data) % self._dyn.size]):
+                    if tag == DT_NULL:
+                        break
+                    entries.append((tag, value))
+                return entries
+        return None
+
+    def file_offset(self, address: int) -> int | None:
+        """The file offset of a virtual address, through the PT_LOAD segment that maps it from the file."""
+        for p_type, offset, vaddr, filesz in self.segments:
+            if p_type == PT_LOAD and vaddr <= address < vaddr + filesz:
+                return address - vaddr + offset
+        return None
+
+    def dynstr_offset(self) -> int | None:
+        """The file offset of the ``.dynstr`` section, for files whose DT_STRTAB no PT_LOAD maps."""
+        if not self._shnum or self._shstrndx >= self._shnum:
+            return None
+        names = self._section(self._shstrndx)
+        names_offset = names[4]  # sh_offset, the fifth field in both classes
+        for i in range(min(self._shnum, MAX_PROGRAM_HEADERS)):
+            sh = self._section(i)
+            if self.string(names_offset + sh[0]) == b".dynstr":
+                return sh[4]
+        return None
+
+
 def parse_elf(f: BinaryIO, what: str, markers: tuple[str, ...] = ()) -> ElfInfo:
     """The ELF facts of a seekable file; a malformed ELF gives an ``ElfInfo`` with ``error`` set."""
     try:
-        elf = ELFFile(f)
-        machine_raw = str(elf["e_machine"])
-        machine = MACHINES.get(machine_raw, machine_raw.removeprefix("EM_").lower())
-        etype_raw = str(elf["e_type"])
-        interp = None
+        elf = _ElfReader(f)
+        interp = elf.interpreter()
         needed: list[str] = []
         rpath: list[str] = []
         runpath: list[str] = []
         soname = None
         flags_1 = 0
-        has_dynamic = False
-        for seg in elf.iter_segments():
-            kind = seg["p_type"]
-            if kind == "PT_INTERP":
-                interp = seg.get_interp_name()  # type: ignore[attr-defined]
-            elif kind == "PT_DYNAMIC":
-                has_dynamic = True
-                for tag in seg.iter_tags():  # type: ignore[attr-defined]
-                    name = tag.entry.d_tag
-                    if name == "DT_NEEDED":
-                        needed.append(tag.needed)
-                    elif name == "DT_RPATH":
-                        rpath.extend(p for p in tag.rpath.split(":") if p)
-                    elif name == "DT_RUNPATH":
-                        runpath.extend(p for p in tag.runpath.split(":") if p)
-                    elif name == "DT_SONAME":
-                        soname = tag.soname
-                    elif name == "DT_FLAGS_1":
-                        flags_1 = int(tag.entry.d_val)
+        dynamic = elf.dynamic()
+        if dynamic:
+            strtab = next((elf.file_offset(v) for t, v in dynamic if t == DT_STRTAB), None)
+            if strtab is None:
+                strtab = elf.dynstr_offset()
+
+            def text(value: int) -> str:
+                if strtab is None:
+                    raise ElfFormatError("a dynamic segment without a string table")
+                return elf.string(strtab + value).decode("utf-8", "replace")
+
+            for tag, value in dynamic:
+                if tag == DT_NEEDED:
+                    needed.append(text(value))
+                elif tag == DT_RPATH:
+                    rpath.extend(p for p in text(value).split(":") if p)
+                elif tag == DT_RUNPATH:
+                    runpath.extend(p for p in text(value).split(":") if p)
+                elif tag == DT_SONAME:
+                    soname = text(value)
+                elif tag == DT_FLAGS_1:
+                    flags_1 = value
         return ElfInfo(
-            elf_class=int(elf.elfclass),
-            machine=machine,
-            little_endian=bool(elf.little_endian),
-            type=ELF_TYPES.get(etype_raw, etype_raw),
+            elf_class=elf.elf_class,
+            machine=MACHINES.get(elf.machine, f"e_machine {elf.machine}"),
+            little_endian=elf.little_endian,
+            type=ELF_TYPES.get(elf.type, f"e_type {elf.type}"),
             interpreter=interp,
             needed=tuple(needed),
             rpath=tuple(rpath),
             runpath=tuple(runpath),
             soname=soname,
-            has_dynamic=has_dynamic,
+            has_dynamic=dynamic is not None,
             pie_flag=bool(flags_1 & DF_1_PIE),
             markers=markers,
         )
-    except (ELFError, ValueError, KeyError, UnicodeDecodeError, OSError, AssertionError, AttributeError,
-            TypeError, IndexError) as exc:
-        # pyelftools raises many kinds of exception on malformed input; any of them means "not a usable ELF".
+    except (ElfFormatError, struct.error, UnicodeDecodeError, OSError) as exc:
         log.debug("cannot parse %s as ELF: %s", what, exc)
         return _bare_header(f, what, f"{type(exc).__name__}: {exc}", markers)
 
 
 def _bare_header(f: BinaryIO, what: str, error: str, markers: tuple[str, ...]) -> ElfInfo:
-    """Class and machine from the ELF identification bytes alone, for files pyelftools rejects."""
+    """Class and machine from the ELF identification bytes alone, for files whose headers do not parse."""
     f.seek(0)
     head = f.read(20)
     elf_class = {1: 32, 2: 64}.get(head[4] if len(head) > 4 else 0, 0)
     little = len(head) > 5 and head[5] == 1
     machine_code = int.from_bytes(head[18:20], "little" if little else "big") if len(head) >= 20 else 0
-    machine = {62: "x86-64", 3: "i386", 183: "aarch64", 40: "arm", 243: "riscv"}.get(machine_code,
-                                                                                   f"e_machine {machine_code}")
+    machine = MACHINES.get(machine_code, f"e_machine {machine_code}")
     return ElfInfo(elf_class, machine, little, "unknown", None, (), (), (), None, False, False, markers, error)
-
-
-# --------------------------------------------------------------------------------------------- libraries
 
 
 @dataclass(frozen=True)
