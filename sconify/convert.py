@@ -49,7 +49,7 @@ from sconify.policy.secrets import ServiceSecrets, check_service_secrets
 from sconify.policy.session import ServiceSpec, Session
 from sconify.progress import SILENT, Progress
 from sconify.rules import load_rules
-from sconify.secretfile import make_private_dir, read_secret, write_secret
+from sconify.secretfile import make_private_dir, read_secret, write_secret_files
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,7 @@ def stage_policy_dir(target: Path, files: dict[str, bytes], chart: ChartSpec) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     try:
         os.chmod(staging, 0o700)
-        for name, data in files.items():
-            write_secret(staging / name, data, what=name)
+        write_secret_files(staging, files)
         write_chart(chart, staging / "chart")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

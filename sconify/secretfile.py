@@ -45,6 +45,33 @@ def write_secret(path: Path, data: bytes, *, force: bool = False, what: str = "k
         raise
 
 
+def write_secret_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write new files holding keys or policies into ``directory`` (one that nobody else uses yet, such as a
+    staging directory that is renamed into place afterwards): each is created with mode 0600, all are written
+    and then made durable together, with one flush of the directory, which is much quicker than one atomic
+    ``write_secret`` after another."""
+    directory = Path(directory)
+    fds = []
+    try:
+        for name, data in files.items():
+            fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fds.append(fd)
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        for fd in fds:  # the first flush commits the others' data and names as well
+            os.fsync(fd)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def read_secret(path: Path, what: str = "key") -> bytes:
     """Read a key or policy file, with a clear error when it is missing or unreadable."""
     try:
