@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 CHUNK = 1 << 20
 SEEK_BLOCK = 16 << 10  # the read size on a stream that can skip by seeking (headers, small files)
+# After seeking past a file that a whole block would not have covered, the next member is likely as large: read
+# its header and the start of its content (Linux's 256-byte "#!" window) rather than a block of content that
+# will be skipped.
+SEEK_AFTER_LARGE = 1 << 10
+LARGE_SKIP = SEEK_BLOCK
 DEFAULT_MAX_SIZE = 64 << 30
 # Extended headers and GNU long names are read into memory, so they get their own, much smaller limit.
 DEFAULT_MAX_METADATA = 8 << 20
@@ -125,6 +130,7 @@ class _Input:
         # A stream that can skip by seeking is read in small blocks: what is not needed is never read.
         self._seek = getattr(stream, "skip", None)
         self._block = SEEK_BLOCK if self._seek is not None else CHUNK
+        self._next_block = self._block
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; b"" only at the end of the stream."""
@@ -133,7 +139,8 @@ class _Input:
                 data = self._stream.read(n) or b""
                 self.offset += len(data)
                 return data
-            self._buf = self._stream.read(self._block) or b""
+            block, self._next_block = max(n, self._next_block), self._block
+            self._buf = self._stream.read(block) or b""
             self._pos = 0
             if not self._buf:
                 return b""
@@ -170,6 +177,8 @@ class _Input:
             self.offset += done
             moved = self._seek(n - done)
             self.offset += moved
+            if moved >= LARGE_SKIP:
+                self._next_block = SEEK_AFTER_LARGE
             return done + moved
         while done < n:
             data = self.read(min(CHUNK, n - done))
