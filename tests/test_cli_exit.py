@@ -64,3 +64,11 @@ def test_a_thread_still_running_gets_the_ordinary_exit(tmp_path: Path) -> None:
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [proc.stdout.splitlines()[0], b"thread finished"]
+
+
+def test_a_profiler_still_gets_to_write_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "prof.out"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "sconify", "--version"],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0

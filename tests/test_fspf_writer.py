@@ -13,6 +13,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sconify.errors import ConversionError, UsageError
 from sconify.fspf import DirectoryVolume, RegionTable, VolumeKey, VolumeResult, VolumeWriter, protect_directory
@@ -260,3 +262,24 @@ def test_a_layer_without_directory_entries_verifies_after_extraction(tmp_path: P
         (tmp_path / "vol/app/deep/added").rmdir()
         volume.decrypt_to(tmp_path / "plain")
     assert (tmp_path / "plain/app/deep/er/main.py").read_bytes() == b"hello"
+
+
+@given(st.lists(st.sampled_from(["a", "b.c", ".", "..", "", ".x", "x.", "..y", "\udcff", "é", "\0"]),
+                max_size=6).map("/".join))
+@settings(max_examples=500, deadline=None)
+def test_the_volume_path_shortcut_agrees_with_full_normalisation(path: str) -> None:
+    from sconify.errors import UnsafeArchiveError
+    from sconify.fspf.format import normalize_path
+    from sconify.fspf.writer import volume_path
+    from sconify.image.tarfs import encode_name
+
+    for candidate in (path, "/" + path, path + "/"):
+        try:
+            expected: bytes | type[Exception] = normalize_path(encode_name(candidate))
+        except UnsafeArchiveError:
+            expected = UnsafeArchiveError
+        try:
+            got: bytes | type[Exception] = volume_path(candidate)
+        except UnsafeArchiveError:
+            got = UnsafeArchiveError
+        assert got == expected, candidate

@@ -122,16 +122,18 @@ def main(argv: list[str] | None = None) -> Any:
 def run() -> None:
     """The console script: ``main``, then a quick exit.
 
-    Tearing the interpreter down (some 350 modules) takes longer than many a short command; once the command
-    is done and only this thread is left, the exit handlers run (log handlers, temporary files), the standard
-    streams are flushed and the process ends without the teardown. Otherwise it exits the ordinary way.
+    Tearing the interpreter down (some 350 modules) takes longer than many a short command. Once the command
+    is done, only this thread is left and no profiler or tracer waits for the end, the exit handlers run (log
+    handlers, temporary files), the standard streams are flushed and the process ends without the teardown.
+    Otherwise it exits the ordinary way.
     """
     try:
         main()
         code: int | str | None = 0
     except SystemExit as exc:
         code = exc.code
-    if threading.active_count() > 1 or not isinstance(code, int | None):
+    if (threading.active_count() > 1 or not isinstance(code, int | None)
+            or sys.getprofile() is not None or sys.gettrace() is not None):  # a profiler or coverage reports at exit
         sys.exit(code)
     atexit._run_exitfuncs()
     try:

@@ -63,7 +63,12 @@ _RECORD_KINDS = {
 
 def volume_path(layer_path: str) -> bytes:
     """The volume path (``/app/main.py``) of a layer entry path (``app/main.py``; the root is "")."""
-    return normalize_path(encode_name(layer_path))
+    raw = encode_name(layer_path)
+    # Already normal (the common case: no empty, "." or ".." component, no NUL): only the leading "/" is missing.
+    if raw and raw[0] != 47 and raw[-1] != 47 and b"//" not in raw and b"/." not in raw and raw[0] != 46 \
+            and b"\0" not in raw:
+        return b"/" + raw
+    return normalize_path(raw)
 
 
 def layer_path(path: bytes) -> str:
