@@ -99,7 +99,9 @@ def test_verify_lists_each_tampered_path_and_exits_13(
     out = tmp_path / "out"
     with open(out / "app" / "main.py", "r+b") as handle:
         handle.seek(5000)
-        handle.write(b"X")
+        byte = handle.read(1)[0]
+        handle.seek(5000)
+        handle.write(bytes([byte ^ 0xFF]))  # a change whatever the (random) ciphertext held there
     (out / "usr" / "lib" / "evil.so").write_bytes(b"evil")
     code, stdout, err = run(capsys, "fs", "verify", str(out), "--key", result["key"], "--tag", result["tag"], "--json")
     assert code == 13
