@@ -20,6 +20,7 @@ from test_runtime_support import (  # noqa: F401 (runtime_binary is a fixture)
     EXIT_MEASUREMENT,
     EXIT_NO_SERVICE,
     EXIT_NO_SESSION,
+    EXIT_PROTECTION,
     make_source_tree,
     protect_tree,
     require_chroot,
@@ -89,6 +90,53 @@ def test_the_runtime_gets_its_configuration_and_files_from_the_cas(root, cas: Ca
     assert f"-rw------- 1 {APP_UID} {APP_GID} 24 " in words, "the injected file is private to the application's user"
     assert f"drwx------ 2 {APP_UID} {APP_GID} " in words, "the volume's directory belongs to the application's user"
     assert password.encode() not in done.stderr
+
+
+def test_a_restarted_container_finds_what_its_first_start_wrote_and_starts_again(root, cas: Cas) -> None:
+    """Injected files and volume directories lie in the authenticated region here (the root); a container started
+    again with its old file system finds them there, left by the first start, and must start again."""
+    pr, env = root
+    cas.call("POST", "/v1/sessions", _session(pr))
+    first = run_chroot(pr.root, env)
+    assert first.returncode == 0, first.stderr
+    (pr.root / "data" / "state.db").write_bytes(b"what the application keeps in its volume")
+    again = run_chroot(pr.root, env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout  # the same secret, injected again; the same volume
+    assert (pr.root / "data" / "state.db").exists()
+
+
+@pytest.mark.parametrize("change", ["stranger-beside", "link-to-authenticated", "symlinked-parent",
+                                    "symlinked-volume", "directory-instead"])
+def test_what_a_restart_accepts_is_only_what_the_cas_writes(root, cas: Cas, change: str) -> None:
+    pr, env = root
+    cas.call("POST", "/v1/sessions", _session(pr))
+    assert run_chroot(pr.root, env).returncode == 0
+    motd = (pr.root / "etc" / "motd").read_bytes()
+    injected = pr.root / "etc" / "app" / "password.txt"
+    if change == "stranger-beside":
+        (pr.root / "etc" / "app" / "other.txt").write_bytes(b"planted")
+    elif change == "link-to-authenticated":  # truncating the old file in place would overwrite /etc/motd
+        injected.unlink()
+        os.link(pr.root / "etc" / "motd", injected)
+    elif change == "symlinked-parent":  # writing through it would land outside the checked tree
+        shutil.rmtree(pr.root / "etc" / "app")
+        (pr.root / "etc" / "app").symlink_to("/tmp")
+    elif change == "symlinked-volume":
+        shutil.rmtree(pr.root / "data")
+        (pr.root / "data").symlink_to("/tmp")
+    else:
+        injected.unlink()
+        injected.mkdir()
+    done = run_chroot(pr.root, env)
+    if change == "link-to-authenticated":
+        assert done.returncode == 0, done.stderr
+        assert (pr.root / "etc" / "motd").read_bytes() == motd
+        assert injected.stat().st_ino != (pr.root / "etc" / "motd").stat().st_ino
+        assert run_chroot(pr.root, env).returncode == 0  # and /etc/motd still verifies
+        return
+    assert done.returncode == EXIT_PROTECTION, done.stderr
+    assert "unexpected" in stderr_line(done) and done.stdout == b""
 
 
 def test_a_measurement_not_in_the_session_gets_nothing(root, cas: Cas) -> None:

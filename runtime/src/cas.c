@@ -240,7 +240,11 @@ void cas_write_files(const struct cas_extras *extra, const struct user *user)
             make_dirs(parent, 0755, user, 0);
         }
         free(parent);
-        int fd = open(f->path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+        /* A new file, not the one an earlier start left (which may since have become a link to another). */
+        if (unlink(f->path) < 0 && errno != ENOENT)
+            fail(EXIT_READ_ONLY, "cannot replace %s with the injected file: %s; remove what is there", f->path,
+                 strerror(errno));
+        int fd = open(f->path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0)
             fail(EXIT_READ_ONLY, "cannot write the injected file %s: %s; give the container a writable file system",
                  f->path, strerror(errno));

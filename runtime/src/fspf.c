@@ -105,6 +105,7 @@ struct volume {
     unsigned temp_counter;
     int root; /* running as root: decrypted files get their recorded owner */
     struct fspf_summary *summary;
+    const struct fspf_expected *expected;
 };
 
 static struct volume *active; /* for removing temporary files on a refusal */
@@ -737,6 +738,34 @@ static const char *type_word(mode_t mode)
     return "an unknown file type";
 }
 
+/* Left by an earlier start of this container from the CAS's answer (struct fspf_expected): an injected file, a
+ * volume's directory, or a directory on the way to one of them. */
+static int left_by_cas(const struct volume *v, const char *path, size_t len, const struct stat *st)
+{
+    const struct fspf_expected *e = v->expected;
+    if (!e) return 0;
+    for (size_t i = 0; i < e->file_count; i++) {
+        size_t flen = strlen(e->files[i]);
+        if (S_ISREG(st->st_mode) && flen == len && !memcmp(e->files[i], path, len)) return 1;
+        if (S_ISDIR(st->st_mode) && flen > len && is_below(e->files[i], flen, path, len)) return 1;
+    }
+    for (size_t i = 0; i < e->dir_count; i++) {
+        if (S_ISDIR(st->st_mode) && is_below(e->dirs[i], strlen(e->dirs[i]), path, len)) return 1;
+    }
+    return 0;
+}
+
+/* A volume's directory that the image recorded nothing below: what it holds is the volume's. */
+static int volume_contents(const struct volume *v, const char *path, size_t len)
+{
+    const struct fspf_expected *e = v->expected;
+    if (!e) return 0;
+    for (size_t i = 0; i < e->dir_count; i++) {
+        if (strlen(e->dirs[i]) == len && !memcmp(e->dirs[i], path, len)) return !has_record_below(v, path, len);
+    }
+    return 0;
+}
+
 static void check_entry(struct volume *v, struct frame *dir, const char *name, const char *path, size_t len,
                         const struct stat *st)
 {
@@ -758,6 +787,7 @@ static void check_entry(struct volume *v, struct frame *dir, const char *name, c
             if (n == 12 && !memcmp(target, "/proc/mounts", 12)) return;
         }
         if (S_ISDIR(st->st_mode) && holds_runtime_mount(v, path, len)) return;
+        if (left_by_cas(v, path, len, st)) return;
         problem(path, "unexpected", "is %s in %s region that the metadata does not list: it was added, or renamed "
                 "from another path", type_word(st->st_mode),
                 mode == MODE_ENCRYPTED ? "an encrypted" : "an authenticated");
@@ -839,7 +869,7 @@ static void walk(struct volume *v, struct frame *dir, int depth)
             if (errno != ENOENT) problem(path, "unreadable", "cannot be examined (%s)", strerror(errno));
         } else {
             check_entry(v, dir, names[i], path, len, &st);
-            if (S_ISDIR(st.st_mode) && protected_at_or_below(v, path, len)) {
+            if (S_ISDIR(st.st_mode) && protected_at_or_below(v, path, len) && !volume_contents(v, path, len)) {
                 struct frame child = {-1, path, -1};
                 child.fd = openat(dir->fd, names[i], O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
                 if (child.fd < 0) problem(path, "unreadable", "cannot be opened (%s)", strerror(errno));
@@ -954,12 +984,13 @@ static void commit(struct volume *v)
 }
 
 void fspf_prepare(const char *metadata_path, const unsigned char key[32], const unsigned char tag[16],
-                  struct fspf_summary *summary)
+                  const struct fspf_expected *expected, struct fspf_summary *summary)
 {
     struct volume v;
     memset(&v, 0, sizeof v);
     memset(summary, 0, sizeof *summary);
     v.summary = summary;
+    v.expected = expected;
     v.metadata_path = metadata_path;
     v.root = geteuid() == 0;
     active = &v;

@@ -158,7 +158,12 @@ int main(int argc, char **argv)
         if (hex_decode(service.fspf_key, key, sizeof key) || hex_decode(service.fspf_tag, tag, sizeof tag))
             fail(EXIT_INTERNAL, "the session's fspf_key or fspf_tag is not hex");
         struct fspf_summary summary;
-        fspf_prepare(service.fspf_path, key, tag, &summary);
+        /* What the CAS's answer writes below: a restarted container finds it, left by its first start. */
+        char **injected = xmalloc((extra.file_count + 1) * sizeof *injected);
+        for (size_t i = 0; i < extra.file_count; i++) injected[i] = extra.files[i].path;
+        struct fspf_expected expected = {injected, extra.file_count, extra.volume_paths, extra.volume_count};
+        fspf_prepare(service.fspf_path, key, tag, &expected, &summary);
+        free(injected);
         OPENSSL_cleanse(key, sizeof key);
     }
     cas_write_files(&extra, &user);
