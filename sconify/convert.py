@@ -22,7 +22,7 @@ from typing import Any
 
 from sconify import __version__
 from sconify.analyze.analysis import Analysis, analyze_image
-from sconify.analyze.files import HeaderCache, ReadFingerprint
+from sconify.analyze.files import HeaderCache, LayerHeaders, ReadFingerprint
 from sconify.build.cache import LayerCache
 from sconify.build.layers import LayerBuilder, LayerOutput
 from sconify.build.runtime import Runtime, builtin_runtime, runtime_from_image, runtime_layer_entries, write_entries
@@ -103,6 +103,7 @@ class Prepared:
     # Layers the analysis read without verifying them (``defer_verification``), with what each read saw;
     # convert verifies each in full and checks that the analysis saw the verified bytes.
     unverified: Mapping[int, tuple[ReadFingerprint, ...]] = field(default_factory=dict)
+    headers: tuple[LayerHeaders, ...] = ()  # each layer's header scan
 
 
 def _created(image: Image, options: ConvertOptions) -> str:
@@ -154,7 +155,7 @@ def prepare(
     analysis = analyzed.analysis
     scan = scan_from(image, analyzed.tree, [h.entries for h in analyzed.headers])
     plan = make_plan(analysis, scan.layers, replace_created(options, _created(image, options)), scan.visible_paths())
-    return Prepared(image, analysis, scan, plan, analyzed.unverified)
+    return Prepared(image, analysis, scan, plan, analyzed.unverified, analyzed.headers)
 
 
 def with_command(image: Image, command: Sequence[str] | None) -> Image:
@@ -511,6 +512,9 @@ def _convert(
             # Layers the analysis read unverified and the layer pass did not read in full: verify them now.
             unchecked = [o.index for o in outputs if o.index in prepared.unverified and not o.verified]
             list(pool.map(builder.verify_source, unchecked))
+        if cache is not None:  # the header scans of the layers now verified are kept for the next conversion
+            for index in prepared.unverified:
+                cache.put(image.layers[index].descriptor.digest, prepared.headers[index])
         timings["layers"] = time.monotonic() - t0
         if measuring is None:
             raise ConversionError(f"the program {plan.executable} was not found in the layers of {plan.source}.")

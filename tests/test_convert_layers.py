@@ -6,6 +6,7 @@ uncompressed layers unverified (a tampered blob must still stop the conversion a
 from __future__ import annotations
 
 import gzip
+import hashlib
 import hmac
 import io
 import json
@@ -321,3 +322,98 @@ def test_nonces_into_a_registry_are_positional_only_for_bytes_verified_before_se
             assert nonce in (synthetic, position), (path, index)
             kinds.add("synthetic" if nonce == synthetic else "position")
     assert kinds == ({"synthetic"} if source_kind == "local archive" else {"position"})
+
+
+# -- gzip layers of a local layout: read unverified by the analysis, verified by the layer pass ------------------
+
+
+def _gzip_layout(fixture: Any, dest: Path) -> Path:
+    """A copy of the fixture's OCI layout (gzip layers) that a test may change."""
+    src = Path(fixture.reference[len("oci:"):].rsplit(":", 1)[0])
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _layer_holding(layout: Path, needle: bytes) -> Path:
+    _, layers = _layers(layout)
+    for desc in layers:
+        if needle in _tar_bytes(layout, desc):
+            assert desc["mediaType"].endswith("+gzip")
+            return blob_path(layout, desc["digest"])
+    raise AssertionError(f"no layer holds {needle!r}")
+
+
+def test_a_tampered_gzip_layer_of_a_local_layout_stops_the_conversion(
+    fixture_image, keys: Keys, tmp_path: Path, runtime  # noqa: F811
+) -> None:
+    src = _gzip_layout(fixture_image("python-app"), tmp_path / "src")
+    blob = _layer_holding(src, b"def ")
+    _tamper(blob, blob.stat().st_size // 2)
+    done = _run_convert(f"oci:{src}:latest", f"oci:{tmp_path / 'out'}:latest", tmp_path / "policy", keys)
+    assert done.returncode == 7, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "policy").exists()
+
+
+def test_a_gzip_layer_that_changes_between_the_analysis_and_the_conversion_is_refused(
+    fixture_image, keys: Keys, tmp_path: Path, runtime, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    import sconify.convert as conversion
+    from sconify.errors import IntegrityError
+
+    src = _gzip_layout(fixture_image("python-app"), tmp_path / "src")
+    blob = _layer_holding(src, b"root:x:0:0")  # /etc/passwd, which the analysis reads
+    genuine = blob.read_bytes()
+    # What the analysis sees: another valid gzip stream, of a tar that names other users.
+    changed = gzip.compress(gzip.decompress(genuine).replace(b"root:x:0:0", b"root:x:0:7"), mtime=0)
+    blob.write_bytes(changed)
+    analyze = conversion.prepare
+
+    def analyze_then_restore(*args: Any, **kwargs: Any) -> Any:
+        prepared = analyze(*args, **kwargs)
+        blob.write_bytes(genuine)  # the layer pass reads the genuine bytes, which verify
+        return prepared
+
+    monkeypatch.setattr(conversion, "prepare", analyze_then_restore)
+    with pytest.raises(IntegrityError, match="changed while sconify read it"):
+        convert_image(_Source(f"oci:{src}:latest"), f"oci:{tmp_path / 'out'}:latest", tmp_path / "policy", keys,
+                      sign=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "policy").exists()
+
+
+@pytest.mark.parametrize("destination", ["empty", "holds-the-blob"])
+def test_a_reused_gzip_layer_whose_diff_id_is_wrong_is_refused(
+    fixture_image, keys: Keys, tmp_path: Path, runtime, destination: str  # noqa: F811
+) -> None:
+    """The blob is intact (its digest verifies) but the config names another DiffID: a raw copy of the reused
+    layer cannot notice, so the conversion must inflate it to check, whether it copies the blob or finds it at
+    the destination already."""
+    src = _gzip_layout(fixture_image("python-app"), tmp_path / "src")
+    plain = ["--plain", "/", "--plain", "/bin/busybox"]  # the base layer is reused, as it is
+    plan = subprocess.run([sys.executable, "-m", "sconify", "convert", f"oci:{src}:latest", *plain,
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(plan.stdout)["layers"][0]["action"] == "reuse", plan.stderr
+    index_path = src / "index.json"
+    index = json.loads(index_path.read_text())
+    manifest_desc = index["manifests"][0]
+    manifest = json.loads(blob_path(src, manifest_desc["digest"]).read_bytes())
+    config = json.loads(blob_path(src, manifest["config"]["digest"]).read_bytes())
+    config["rootfs"]["diff_ids"][0] = "sha256:" + hashlib.sha256(b"another layer").hexdigest()
+
+    def put(data: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (src / "blobs" / "sha256" / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    manifest["config"].update(put(json.dumps(config).encode()))
+    manifest_desc.update(put(json.dumps(manifest).encode()))
+    index_path.write_text(json.dumps(index))
+    dest = tmp_path / "dest"
+    if destination == "holds-the-blob":
+        shutil.copytree(src, dest)
+    done = _run_convert(f"oci:{src}:latest", f"oci:{dest}:converted", tmp_path / "policy", keys, *plain)
+    assert done.returncode == 7, done.stderr
+    assert "DiffID" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "policy").exists()
+    if destination == "empty":
+        assert not dest.exists()

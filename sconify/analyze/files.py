@@ -14,9 +14,9 @@ without another read.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import io
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -27,8 +27,16 @@ from typing import BinaryIO, Protocol
 
 from sconify.analyze.elf import ElfInfo, is_elf, parse_elf, scan_markers
 from sconify.errors import SconifyError
-from sconify.image.model import BlobSource, Descriptor, Image, Layer, Readable
-from sconify.image.streams import CHUNK, ReadStream, is_seekable
+from sconify.image.model import Image, Layer, Readable
+from sconify.image.streams import (
+    CHUNK,
+    FINGERPRINT_KEY_SIZE,
+    DecompressingReader,
+    KeyedRangeHash,
+    ReadStream,
+    is_seekable,
+    verified_tar,
+)
 from sconify.image.tarfs.entry import Entry, EntryKind
 from sconify.image.tarfs.reader import EntryContent, read_layer
 from sconify.image.tree import FileTree
@@ -110,14 +118,16 @@ class _CountingReader(ReadStream):
 
 @dataclass(frozen=True)
 class ReadFingerprint:
-    """What one unverified read of a blob saw: the byte ranges it read, in order, and a SHA-256 of their bytes.
+    """What one unverified read of a blob saw: the byte ranges it read, in order, and a keyed hash of their bytes
+    (``KeyedRangeHash`` under ``key``, a random key of the reader's that never leaves the process).
 
     A later verified read of the whole blob hashes the same ranges (``sconify.image.streams.RangeCheck``): equal
     hashes prove that the unverified read saw the verified bytes, so what was learnt from it stands.
     """
 
     ranges: tuple[tuple[int, int], ...]  # (offset, length), ascending, adjacent ranges merged
-    sha256: str
+    key: bytes = field(repr=False)
+    tag: bytes
 
 
 class _LocalTar(ReadStream):
@@ -135,6 +145,7 @@ class _LocalTar(ReadStream):
         add: Callable[[int], None],
         skipped: Callable[[int], None],
         done: Callable[[ReadFingerprint], None],
+        key: bytes,
     ) -> None:
         super().__init__()
         self._raw = raw
@@ -144,7 +155,8 @@ class _LocalTar(ReadStream):
         self._done = done
         self._pos = 0
         self._ranges: list[list[int]] = []
-        self._hash = hashlib.sha256()
+        self._key = key
+        self._hash = KeyedRangeHash(key)
 
     def read(self, n: int | None = -1) -> bytes:
         want = self._left if n is None or n < 0 else min(n, self._left)
@@ -176,19 +188,45 @@ class _LocalTar(ReadStream):
             self._raw.close()
         finally:
             super().close()
-            self._done(ReadFingerprint(tuple((a, b) for a, b in self._ranges), self._hash.hexdigest()))
+            self._done(ReadFingerprint(tuple((a, b) for a, b in self._ranges), self._key, self._hash.digest()))
 
 
-class _CountingSource:
-    """A BlobSource that counts the raw (compressed) bytes read from another one."""
+class _LocalBlob(ReadStream):
+    """A compressed layer blob read in place without verification, at most its declared size, every byte read
+    fingerprinted (one range from the start), for an analysis that inflates it to reach the headers. As with
+    ``_LocalTar``, the layer pass verifies it in full (digest and DiffID) and checks the fingerprint."""
 
-    def __init__(self, inner: BlobSource, add: Callable[[int], None]) -> None:
-        self._inner = inner
+    def __init__(
+        self, raw: BinaryIO, size: int, add: Callable[[int], None], done: Callable[[ReadFingerprint], None], key: bytes
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._left = size
         self._add = add
-        self.name = inner.name
+        self._done = done
+        self._pos = 0
+        self._key = key
+        self._hash = KeyedRangeHash(key)
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
-        return _CountingReader(self._inner.open_blob(desc), self._add)  # type: ignore[return-value]
+    def read(self, n: int | None = -1) -> bytes:
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._raw.read(want) if want else b""
+        if data:
+            self._hash.update(data)
+            self._pos += len(data)
+            self._left -= len(data)
+            self._add(len(data))
+        return data
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+            ranges = ((0, self._pos),) if self._pos else ()
+            self._done(ReadFingerprint(ranges, self._key, self._hash.digest()))
 
 
 def _is_prefetched(path: str) -> bool:
@@ -259,6 +297,7 @@ class LayerReader:
         # check that every unverified read saw the verified bytes (``fingerprints``).
         self.unverified: set[int] = set()
         self.fingerprints: dict[int, list[ReadFingerprint]] = {}
+        self._key = os.urandom(FINGERPRINT_KEY_SIZE)  # for the fingerprints of unverified reads; never stored
         self.headers: list[LayerHeaders] = []
         self._lock = threading.Lock()
         self.layers: tuple[Layer, ...] = image.layers
@@ -294,21 +333,28 @@ class LayerReader:
         layer = self.layers[index]
         with self._lock:
             self.stats.layer_reads[index] += 1
-        # An uncompressed blob (its digest is its DiffID) stored locally can be read in place, unverified.
-        if self.defer_verification and not verified and layer.descriptor.digest == layer.diff_id:
-            raw = layer.source.open_blob(layer.descriptor)
-            if is_seekable(raw):
+        # A blob stored locally can be read in place, unverified: an uncompressed one (its digest is its DiffID)
+        # skipping file contents by seeking, a compressed one inflated without hashing.
+        raw = layer.source.open_blob(layer.descriptor)
+        # (Not a registry blob kept in the conversion's spool: its download verified it already.)
+        holds = getattr(layer.source, "holds", None)
+        if (self.defer_verification and not verified and is_seekable(raw)
+                and not (holds is not None and holds(layer.descriptor.digest))):
+            with self._lock:
+                self.unverified.add(index)
+
+            def done(fingerprint: ReadFingerprint) -> None:
                 with self._lock:
-                    self.unverified.add(index)
+                    self.fingerprints.setdefault(index, []).append(fingerprint)
 
-                def done(fingerprint: ReadFingerprint) -> None:
-                    with self._lock:
-                        self.fingerprints.setdefault(index, []).append(fingerprint)
-
-                return _LocalTar(raw, layer.descriptor.size, self._add_local, self._add_skipped, done)  # type: ignore[return-value]
-            raw.close()
-        counted = Layer(layer.descriptor, layer.diff_id, _CountingSource(layer.source, self._add_compressed))
-        return _CountingReader(counted.open_tar(), self._add_uncompressed)  # type: ignore[return-value]
+            size = layer.descriptor.size
+            if layer.descriptor.digest == layer.diff_id:
+                return _LocalTar(raw, size, self._add_local, self._add_skipped, done, self._key)  # type: ignore[return-value]
+            blob = _LocalBlob(raw, size, self._add_compressed, done, self._key)
+            return _CountingReader(DecompressingReader(blob, self._what(index)), self._add_uncompressed)  # type: ignore[return-value, arg-type]
+        what = f"layer {layer.descriptor.digest} from {layer.source.name}"
+        tar = verified_tar(_CountingReader(raw, self._add_compressed), layer.descriptor, layer.diff_id, what)  # type: ignore[arg-type]
+        return _CountingReader(tar, self._add_uncompressed)  # type: ignore[return-value]
 
     def scan_layer(self, index: int) -> LayerHeaders:
         """One layer's entries, the contents captured on the way, and its counts (one read of the blob)."""

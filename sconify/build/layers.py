@@ -257,10 +257,16 @@ class LayerBuilder:
         return Layer(layer.descriptor, layer.diff_id, CheckedSource(layer.source, {layer.descriptor.digest: prints}))
 
     def verify_source(self, index: int) -> None:
-        """Read source layer ``index`` in full, verified against its digest and size (nothing is kept)."""
+        """Read source layer ``index`` in full, verified against its digest, size and DiffID (nothing is kept)."""
         layer = self._layer(index)
-        with self.progress.task(f"verify layer {index}", layer.descriptor.size) as bar, layer.open_blob() as blob:
-            _drain(_Counting(blob, bar.update))
+        with self.progress.task(f"verify layer {index}", layer.descriptor.size) as bar, layer.open_tar() as tar:
+            _drain(_Counting(tar, bar.update))
+
+    def _verified_by(self, index: int, transfer: str) -> bool:
+        """Whether a transfer of source layer ``index`` verified it in full: digest, size and DiffID. A raw copy
+        checks only the blob digest, which is the DiffID only for an uncompressed layer."""
+        layer = self.image.layers[index]
+        return transfer == "converted" or (transfer == "copied" and layer.descriptor.digest == layer.diff_id)
 
     def _mode_of_path(self, path: str | None) -> RegionMode:
         return self.regions.mode_for(volume_path(path)) if path else RegionMode.NOT_PROTECTED
@@ -278,7 +284,7 @@ class LayerBuilder:
             return LayerOutput(action.index, hit.descriptor, hit.diff_id, "cached", hit.records, hit.executable)
         copy = transfer_layer(layer, self.dest, self.family, self.progress)
         return LayerOutput(action.index, copy.written, layer.diff_id, "cached", hit.records, hit.executable,
-                           verified=copy.action in _READ_IN_FULL)
+                           verified=self._verified_by(action.index, copy.action))
 
     def _build(self, action: LayerAction, spool: BinaryIO | None) -> LayerOutput:
         index = action.index
@@ -292,7 +298,7 @@ class LayerBuilder:
             copy = transfer_layer(layer, self.dest, self.family, self.progress)
             if not needs_stream:
                 return LayerOutput(index, copy.written, layer.diff_id, _ACTIONS[copy.action], (),
-                                   verified=copy.action in _READ_IN_FULL)
+                                   verified=self._verified_by(index, copy.action))
             with self.progress.task(f"shield layer {index}", None) as bar, layer.open_tar() as tar:
                 for entry, content in read_layer(tar, what=what, needed=lambda e: self._needs_content(index, e)):
                     offset = content.offset if content is not None else 0
@@ -435,4 +441,3 @@ class _Tee:
 
 
 _ACTIONS = {"present": "present", "mounted": "mounted", "copied": "reused", "converted": "recompressed"}
-_READ_IN_FULL = frozenset({"copied", "converted"})  # transfer actions that stream the source blob, verified

@@ -7,6 +7,7 @@ the bytes, never trusted from a media type; memory stays bounded whatever the bl
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import queue
@@ -414,26 +415,60 @@ def open_verified_blob(source: BlobSource, desc: Descriptor, diff_id: str | None
 
 def open_verified_tar(source: BlobSource, desc: Descriptor, diff_id: str) -> DecompressingReader:
     """Open a layer's uncompressed tar, verified against blob digest, size and DiffID as it streams."""
-    what = f"layer {desc.digest} from {source.name}"
-    blob = VerifyingReader(source.open_blob(desc), desc.digest, desc.size, what)
+    return verified_tar(source.open_blob(desc), desc, diff_id, f"layer {desc.digest} from {source.name}")
+
+
+def verified_tar(raw: BinaryIO, desc: Descriptor, diff_id: str, what: str) -> DecompressingReader:
+    """The uncompressed tar of the layer blob ``raw`` (opened already), verified as ``open_verified_tar`` does."""
+    blob = VerifyingReader(raw, desc.digest, desc.size, what)
     # An uncompressed layer's DiffID is its digest: the bytes are already hashed once by the blob reader.
     verify = None if desc.digest == diff_id else (diff_id, what)
     return DecompressingReader(blob, what, verify=verify)  # type: ignore[arg-type]
 
 
+FINGERPRINT_KEY_SIZE = 32
+_FINGERPRINT_IV = bytes(12)  # one fixed IV: the tags are only ever compared in memory, never shown or stored
+
+
+class KeyedRangeHash:
+    """GMAC (AES-256-GCM over additional data only) under a key that never leaves the process: a hash of bytes
+    that nobody without the key can match with other bytes (GHASH is almost-universal: two different inputs of
+    up to L 16-byte blocks collide with probability about L / 2**128 over the key). It runs at memory speed,
+    more than ten times faster than SHA-256, which is why it fingerprints what a read saw."""
+
+    __slots__ = ("_gmac",)
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._gmac = Cipher(algorithms.AES(key), modes.GCM(_FINGERPRINT_IV)).encryptor()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._gmac.authenticate_additional_data(data)  # type: ignore[attr-defined]
+
+    def digest(self) -> bytes:
+        """The tag; call once, at the end."""
+        self._gmac.finalize()
+        return bytes(self._gmac.tag)  # type: ignore[attr-defined]
+
+
 class RangeFingerprint(Protocol):
-    """Byte ranges of a blob, (offset, length) in ascending order, and the SHA-256 hex of their bytes."""
+    """Byte ranges of a blob, (offset, length) in ascending order, and the keyed hash of their bytes
+    (``KeyedRangeHash`` under ``key``)."""
 
     @property
     def ranges(self) -> tuple[tuple[int, int], ...]: ...
 
     @property
-    def sha256(self) -> str: ...
+    def key(self) -> bytes: ...
+
+    @property
+    def tag(self) -> bytes: ...
 
 
 class RangeCheck(ReadStream):
     """Passes a blob's bytes through and, at its end, checks that the given ranges hold the bytes an earlier,
-    unverified read saw there (their SHA-256). Under a verifying reader this proves the earlier read saw
+    unverified read saw there (their keyed hash). Under a verifying reader this proves the earlier read saw
     verified bytes; a difference raises IntegrityError: the blob changed between the two reads."""
 
     def __init__(self, raw: BinaryIO, prints: Sequence[RangeFingerprint], what: str) -> None:
@@ -443,7 +478,7 @@ class RangeCheck(ReadStream):
         self._pos = 0
         self._checked = False
         # Per fingerprint: its ranges, the index of the next range, and a running hash.
-        self._states = [(p, [0], hashlib.sha256()) for p in prints]
+        self._states = [(p, [0], KeyedRangeHash(p.key)) for p in prints]
 
     def read(self, n: int | None = -1) -> bytes:
         data = self._raw.read(-1 if n is None else n)
@@ -472,7 +507,7 @@ class RangeCheck(ReadStream):
             return
         self._checked = True
         for fingerprint, at, hasher in self._states:
-            if at[0] != len(fingerprint.ranges) or hasher.hexdigest() != fingerprint.sha256:
+            if at[0] != len(fingerprint.ranges) or not hmac.compare_digest(hasher.digest(), fingerprint.tag):
                 raise IntegrityError(
                     f"{self._what} read differently during the analysis than during the conversion; it changed "
                     "while sconify read it. Convert it again from a source nobody is writing to."
