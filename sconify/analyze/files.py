@@ -130,11 +130,12 @@ class ReadFingerprint:
     tag: bytes
 
 
-class _LocalTar(ReadStream):
-    """An uncompressed layer read in place without verification; file contents are skipped by seeking.
+class _InPlace(ReadStream):
+    """A local layer blob read in place without verification, at most its declared size: an uncompressed layer
+    whose file contents are skipped by seeking, or a compressed one that a decompressor reads from start to end.
 
     Only for readers whose every layer read this way is verified in full later, before anything that depends
-    on it is written (``LayerReader.unverified`` names them); the ranges read and their hash are handed to
+    on it is written (``LayerReader.unverified`` names them); the ranges read and their keyed hash are handed to
     ``done`` on close as a ``ReadFingerprint`` for that check.
     """
 
@@ -189,44 +190,6 @@ class _LocalTar(ReadStream):
         finally:
             super().close()
             self._done(ReadFingerprint(tuple((a, b) for a, b in self._ranges), self._key, self._hash.digest()))
-
-
-class _LocalBlob(ReadStream):
-    """A compressed layer blob read in place without verification, at most its declared size, every byte read
-    fingerprinted (one range from the start), for an analysis that inflates it to reach the headers. As with
-    ``_LocalTar``, the layer pass verifies it in full (digest and DiffID) and checks the fingerprint."""
-
-    def __init__(
-        self, raw: BinaryIO, size: int, add: Callable[[int], None], done: Callable[[ReadFingerprint], None], key: bytes
-    ) -> None:
-        super().__init__()
-        self._raw = raw
-        self._left = size
-        self._add = add
-        self._done = done
-        self._pos = 0
-        self._key = key
-        self._hash = KeyedRangeHash(key)
-
-    def read(self, n: int | None = -1) -> bytes:
-        want = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._raw.read(want) if want else b""
-        if data:
-            self._hash.update(data)
-            self._pos += len(data)
-            self._left -= len(data)
-            self._add(len(data))
-        return data
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._raw.close()
-        finally:
-            super().close()
-            ranges = ((0, self._pos),) if self._pos else ()
-            self._done(ReadFingerprint(ranges, self._key, self._hash.digest()))
 
 
 def _is_prefetched(path: str) -> bool:
@@ -349,8 +312,8 @@ class LayerReader:
 
             size = layer.descriptor.size
             if layer.descriptor.digest == layer.diff_id:
-                return _LocalTar(raw, size, self._add_local, self._add_skipped, done, self._key)  # type: ignore[return-value]
-            blob = _LocalBlob(raw, size, self._add_compressed, done, self._key)
+                return _InPlace(raw, size, self._add_local, self._add_skipped, done, self._key)  # type: ignore[return-value]
+            blob = _InPlace(raw, size, self._add_compressed, self._add_skipped, done, self._key)
             return _CountingReader(DecompressingReader(blob, self._what(index)), self._add_uncompressed)  # type: ignore[return-value, arg-type]
         what = f"layer {layer.descriptor.digest} from {layer.source.name}"
         tar = verified_tar(_CountingReader(raw, self._add_compressed), layer.descriptor, layer.diff_id, what)  # type: ignore[arg-type]
