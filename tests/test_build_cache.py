@@ -62,3 +62,32 @@ def test_another_key_misses_the_cache(tmp_path, keys):
                      tmp_path / "cache")
     rewritten = [layer["action"] for layer in result["layers"]]
     assert "cached" not in rewritten
+
+
+def test_header_scans_of_layers_read_in_place_are_kept_once_verified(tmp_path, keys):
+    """The analysis reads local layers in place, unverified; their header scans go to the cache only after the
+    layer pass verified them, so the next conversion does not read them again, and a failed one keeps none."""
+    build_image("busybox-sh", tmp_path / "native", "latest")
+    index = json.loads((tmp_path / "native" / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    manifest = json.loads((tmp_path / "native" / "blobs" / "sha256" / manifest_digest).read_bytes())
+    digests = [layer["digest"].replace(":", "-") for layer in manifest["layers"]]
+    convert(f"oci:{tmp_path}/native:latest", f"oci:{tmp_path}/a:latest", tmp_path / "p1", keys, tmp_path / "cache")
+    kept = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "headers").iterdir())
+    assert kept == sorted(digests)
+    # A layer that fails verification: nothing of this conversion is kept.
+    build_image("busybox-sh", tmp_path / "bad", "latest")
+    blob = tmp_path / "bad" / "blobs" / "sha256" / manifest["layers"][-1]["digest"].split(":", 1)[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    env = {"SCONIFY_RUNTIME": str(BUSYBOX), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sconify", "convert", f"oci:{tmp_path}/bad:latest", f"oci:{tmp_path}/b:latest",
+         "--policy-out", str(tmp_path / "p2"), "--fspf-key", str(keys / "fspf.key"), "--enclave-key",
+         str(keys / "enc.pem"), "--cache", str(tmp_path / "fresh-cache")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 7, proc.stderr
+    headers = tmp_path / "fresh-cache" / "headers"
+    assert not headers.exists() or not any(headers.iterdir())
