@@ -218,3 +218,23 @@ def test_secrets_and_keys_never_appear_in_images_logs_or_reports(
 
 def loaded_client(application) -> str:
     return application[2]["client"]
+
+
+def test_the_server_restarted_with_its_old_file_system_starts_again(
+    application, running, dockerd: DockerEngine
+) -> None:
+    """``docker restart`` keeps the container's file system: the runtime finds the TLS files the CAS injected at
+    the first start (in the authenticated root) and must accept them, replace them and start the server again."""
+    _, mounts, container, shared = running
+    (shared / "tls.sock").unlink()
+    dockerd.run("restart", "-t", "5", container, check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while not (shared / "tls.sock").exists():
+        state = dockerd.run("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+        if state != "true" or time.monotonic() > deadline:
+            logs = dockerd.run("logs", container)
+            pytest.fail(f"the restarted server did not start: {logs.stdout} {logs.stderr}")
+        time.sleep(0.2)
+    done = dockerd.run("run", "--rm", "--network=none", *mounts, loaded_client(application), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "hello-from-the-client"[::-1] in done.stdout
