@@ -289,3 +289,36 @@ def test_content_that_says_it_is_incompressible_goes_to_the_sinks_raw_path() -> 
     w.close()
     assert [n for kind, n in sink.calls if kind == "raw"] == [100000]
     assert sum(n for _, n in sink.calls) == w.bytes_written
+
+
+def test_small_incompressible_pieces_are_batched_for_a_sink_that_does_not_separate_them() -> None:
+    """An uncompressed layer's writer (TarWriter) stores ciphertext like anything else: the ciphertext of many
+    small files goes out in a few large writes, not two hand-overs per file, and the bytes are the same."""
+    from sconify.image.streams import TarWriter
+
+    class Cipher(io.BytesIO):
+        incompressible = True
+
+    class Counting(io.BytesIO):
+        writes = 0
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            Counting.writes += 1
+            return super().write(data)
+
+    outs = []
+    for sink_class in ("tar", "plain"):
+        target = Counting()
+        Counting.writes = 0
+        sink = TarWriter(target) if sink_class == "tar" else target
+        w = LayerWriter(sink)  # type: ignore[arg-type]
+        for i in range(500):
+            w.add(Entry.file(f"f{i:03d}", 20000, mtime=0), Cipher(os.urandom(20000) if i % 2 else bytes(20000)))
+        w.close()
+        if sink_class == "tar":
+            sink.close()  # type: ignore[union-attr]
+            assert Counting.writes < 30, Counting.writes  # about 10 MB in 1 MiB writes
+        outs.append(target.getvalue())
+    assert len(outs[0]) == len(outs[1]) > 500 * 20000
+    names = [e.path for e, _ in read_layer(io.BytesIO(outs[0]))]
+    assert names == [f"f{i:03d}" for i in range(500)]

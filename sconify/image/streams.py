@@ -565,6 +565,9 @@ class LayerSink:
     """
 
     QUEUE_CHUNKS = 2  # at most this many pending writes (about 2 MiB) per writer
+    # Whether incompressible bytes are treated apart (a writer of tar layers batches small pieces of them with
+    # the rest instead, so that many small files do not become many hand-overs to the writing thread).
+    separates_incompressible = True
 
     def __init__(self, out: Writable, *, background: bool = False) -> None:
         self._out = out
@@ -707,6 +710,8 @@ class GzipWriter(LayerSink):
 
 class TarWriter(LayerSink):
     """An uncompressed layer: the bytes go downstream unchanged (the blob digest is the DiffID)."""
+
+    separates_incompressible = False
 
     def _consume(self, data: bytes, incompressible: bool) -> None:
         self._out.write(data)

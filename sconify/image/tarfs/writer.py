@@ -171,7 +171,9 @@ class LayerWriter:
     def _copy(self, entry: Entry, reader: _Readable) -> None:
         left = entry.size
         # Content that says it does not compress (ciphertext) goes to a sink that can store it as it is.
-        raw = getattr(self._out, "write_incompressible", None) if getattr(reader, "incompressible", False) else None
+        raw = None
+        if getattr(reader, "incompressible", False) and getattr(self._out, "separates_incompressible", True):
+            raw = getattr(self._out, "write_incompressible", None)
         while left:
             want = min(CHUNK, left)
             data = reader.read(want)
