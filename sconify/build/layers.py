@@ -125,6 +125,7 @@ class LayerBuilder:
         self._running = 0
         self._sinks: set[LayerSink] = set()
         self._cores = os.cpu_count() or 1
+        self._positional: dict[int, bool] = {}
         # Source layers the analysis read unverified: every read of them here also checks what it saw.
         self.checks = dict(checks or {})
         self.image = image
@@ -152,7 +153,7 @@ class LayerBuilder:
                 self._visible_hash[layer_index] = hashlib.sha256("\0".join(sorted(paths)).encode()).hexdigest()
 
     def _visible(self, index: int, entry: Entry) -> bool:
-        node = self.scan.tree.get(entry.path)
+        node = self.scan.tree.get_entry_path(entry.path)
         return node is not None and node.layer == index and node.entry == entry
 
     def _mode(self, entry: Entry) -> RegionMode:
@@ -248,6 +249,14 @@ class LayerBuilder:
         holds = getattr(layer.source, "holds", None)
         return bool(holds is not None and holds(layer.descriptor.digest))
 
+    def _nonce_position(self, index: int, offset: int) -> SourcePosition | None:
+        """The position naming a content's nonces, or None for synthetic nonces (``_position_nonces``, decided
+        once per layer)."""
+        allowed = self._positional.get(index)
+        if allowed is None:
+            allowed = self._positional[index] = self._position_nonces(index)
+        return SourcePosition(self.image.layers[index].diff_id, offset) if allowed else None
+
     def _layer(self, index: int) -> Layer:
         """Source layer ``index``, read through a check of the analysis's unverified reads where there were any."""
         layer = self.image.layers[index]
@@ -337,7 +346,7 @@ class LayerBuilder:
                     if visible and entry.path == self.executable:
                         executable = self._executable_bytes(entry, content)
                         content = io.BytesIO(executable)  # type: ignore[assignment]
-                    rec = self._protect(index, entry, content, offset, collector, bar.update, out)
+                    rec = self._protect(index, entry, content, offset, collector, bar.update, out, visible, mode)
                     if rec is not None:
                         records.append(rec)
                     elif entry.kind is EntryKind.REGULAR:
@@ -392,6 +401,8 @@ class LayerBuilder:
         collector: _Collector,
         update: Callable[[int], None],
         out: LayerWriter | None = None,
+        visible: bool | None = None,
+        mode: RegionMode | None = None,
     ) -> ProtectedRecord | None:
         """Seal one visible protected entry (writing it to ``out`` when rewriting); None if not protected.
 
@@ -400,9 +411,10 @@ class LayerBuilder:
         before anything made from it is committed, so that place determines the plaintext (docs/fspf.md,
         section 3.4). Otherwise they are synthetic.
         """
-        if not self._visible(index, entry) or not entry.path:
+        if not (self._visible(index, entry) if visible is None else visible) or not entry.path:
             return None
-        mode = self._mode(entry)
+        if mode is None:
+            mode = self._mode(entry)
         if not mode.protected:
             return None
         if entry.kind is not EntryKind.REGULAR:
@@ -411,8 +423,7 @@ class LayerBuilder:
             return ProtectedRecord(entry)
         path = volume_path(entry.path)
         source = _Counting(content, update) if content is not None else None
-        position = SourcePosition(self.image.layers[index].diff_id, offset) if self._position_nonces(index) else None
-        cipher = self.key.chunk_cipher(path, mode, self.chunk_size, position)
+        cipher = self.key.chunk_cipher(path, mode, self.chunk_size, self._nonce_position(index, offset))
         stream = SealingStream(collector, path, entry.size, source, cipher)  # type: ignore[arg-type]
         if out is not None:
             out.add(entry, stream)

@@ -90,6 +90,10 @@ class FileTree:
         """The node at ``path`` taken literally (no link in it is followed), or None."""
         return self._nodes.get(_clean(path))
 
+    def get_entry_path(self, path: str) -> Node | None:
+        """``get`` for a path already in a layer entry's normal form (``usr/lib/x``; the root is "")."""
+        return self._nodes.get(path)
+
     def lookup(self, path: str, follow_final: bool = True) -> Node | None:
         """The node at ``path`` after resolving symbolic links, or None if it does not exist."""
         try:
