@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sconify.errors import IntegrityError, KeyMaterialError, UnsafeArchiveError, UnsupportedError, UsageError
 from sconify.fspf import Record, RecordKind, Region, RegionMode, RegionTable, VolumeKey, open_volume
@@ -166,3 +168,16 @@ def test_a_key_never_shows_its_bytes() -> None:
     key = VolumeKey(bytes(range(32)))
     assert bytes(range(32)).hex() not in repr(key) and key.key_id.hex() in repr(key)
     assert VolumeKey.from_hex(key.hex()) == key and VolumeKey.generate() != key
+
+
+_PART = st.sampled_from([b"a", b"b", b"app", b"lib", b"x.y"])
+_VPATH = st.lists(_PART, min_size=1, max_size=6).map(lambda parts: b"/" + b"/".join(parts))
+
+
+@given(prefixes=st.dictionaries(_VPATH, st.sampled_from(list(RegionMode)), max_size=6),
+       paths=st.lists(_VPATH, min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_mode_for_with_its_directory_memory_agrees_with_region_for(prefixes, paths) -> None:  # noqa: ANN001
+    table = RegionTable(tuple(Region(p, m) for p, m in sorted(prefixes.items())))
+    for path in paths + paths + [b"/"]:  # the second round is answered from what the first one kept
+        assert table.mode_for(path) == table.region_for(path).mode

@@ -130,12 +130,16 @@ class Region:
         return f"{self.mode.label}:{display_path(self.prefix)}"
 
 
+_DIR_MODES_MAX = 1 << 17  # directories whose mode a table keeps
+
+
 @dataclass(frozen=True)
 class RegionTable:
     """All regions of a volume, sorted by prefix; the root region ``/`` is always present."""
 
     regions: tuple[Region, ...]
     _by_prefix: Mapping[bytes, RegionMode] = field(init=False, repr=False, compare=False)
+    _dir_modes: dict[bytes, RegionMode] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_prefix: dict[bytes, RegionMode] = {}
@@ -149,6 +153,7 @@ class RegionTable:
         ordered = tuple(Region(p, by_prefix[p]) for p in sorted(by_prefix))
         object.__setattr__(self, "regions", ordered)
         object.__setattr__(self, "_by_prefix", by_prefix)
+        object.__setattr__(self, "_dir_modes", {})
 
     @classmethod
     def of(cls, regions: Iterable[Region | str]) -> RegionTable:
@@ -165,13 +170,21 @@ class RegionTable:
             candidate = candidate.rsplit(b"/", 1)[0] or b"/"
 
     def mode_for(self, path: bytes) -> RegionMode:
-        """The mode of ``region_for(path)``, without making the region."""
-        candidate = path
-        while True:
-            mode = self._by_prefix.get(candidate)
-            if mode is not None:
-                return mode
-            candidate = candidate.rsplit(b"/", 1)[0] or b"/"
+        """The mode of ``region_for(path)``, without making the region; each directory's answer is kept (the
+        files of one directory share it)."""
+        mode = self._by_prefix.get(path)
+        if mode is not None:
+            return mode
+        parent = path.rsplit(b"/", 1)[0] or b"/"
+        mode = self._dir_modes.get(parent)
+        if mode is None:
+            candidate = parent
+            while (mode := self._by_prefix.get(candidate)) is None:
+                candidate = candidate.rsplit(b"/", 1)[0] or b"/"
+            if len(self._dir_modes) >= _DIR_MODES_MAX:
+                self._dir_modes.clear()
+            self._dir_modes[parent] = mode
+        return mode
 
     def protected_at_or_below(self, path: bytes) -> bool:
         """True when ``path`` or anything inside it may be protected (so a walk must look inside)."""
