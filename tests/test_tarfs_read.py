@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from sconify.errors import IntegrityError
 from sconify.image.model import Descriptor, Layer
@@ -388,3 +390,14 @@ def test_a_seekable_stream_reads_little_more_than_the_headers_of_large_files() -
     assert seen[31][2] == bytes([31]) * 5000  # a file asked for is read whole
     # Each header after a large file is read with a small block: about 1 KiB per file instead of 16 KiB.
     assert stream.bytes_read < 20_000 + 16_384 * 4 + 1024 * len(sizes), stream.bytes_read
+
+
+@given(hs.lists(hs.sampled_from(["a", ".wh.", ".wh..wh.", ".wh..wh..opq", "x", ".", "wh", ".w"]), min_size=1,
+                max_size=4).map("".join), hs.sampled_from(["", "dir/", "a/b/"]))
+@settings(max_examples=300, deadline=None)
+def test_the_one_test_for_overlay_markers_agrees_with_the_three_kinds(name: str, parent: str) -> None:
+    try:
+        entry = Entry.file(parent + name, 0)
+    except ValueError:  # a name no entry may have ('.', '.wh..', ...)
+        return
+    assert entry.is_overlay_marker == (entry.is_whiteout or entry.is_opaque or entry.is_whiteout_meta)

@@ -348,7 +348,7 @@ class LayerReader:
             for entry, content in read_layer(stream, what=self._what(index), needed=wanted):
                 n += 1
                 entries.append(entry)
-                if entry.is_whiteout or entry.is_opaque:
+                if entry.is_overlay_marker and not entry.is_whiteout_meta:
                     whiteouts += 1
                 elif entry.kind is EntryKind.REGULAR:
                     regular += entry.size
@@ -394,7 +394,11 @@ class LayerReader:
         with self.progress.task("reading layer headers", total=total) as task:  # type: ignore[attr-defined]
             self._task = task
             try:
-                with ThreadPoolExecutor(max_workers=max(1, min(HEADER_THREADS, len(self.layers)))) as pool:
+                # Threads help while a layer is inflated or downloaded (the GIL is free then); uncompressed layers
+                # read in place are pure Python parsing, which two threads only slow down.
+                in_place = self.defer_verification and all(la.descriptor.digest == la.diff_id for la in self.layers)
+                workers = 1 if in_place else max(1, min(HEADER_THREADS, len(self.layers)))
+                with ThreadPoolExecutor(max_workers=workers) as pool:
                     self.headers = list(pool.map(one, range(len(self.layers))))
             finally:
                 self._task = None

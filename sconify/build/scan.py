@@ -35,8 +35,9 @@ def scan_from(image: Image, tree: FileTree, per_layer: Sequence[Sequence[Entry]]
     for index, (layer, entries) in enumerate(zip(image.layers, per_layer, strict=True)):
         files = []
         for entry in entries:
-            if entry.kind in (EntryKind.REGULAR, EntryKind.HARDLINK) and not (entry.is_whiteout or entry.is_opaque):
-                node = tree.get(entry.path)
+            kept = not entry.is_overlay_marker or entry.is_whiteout_meta  # not a whiteout or opaque marker
+            if entry.kind in (EntryKind.REGULAR, EntryKind.HARDLINK) and kept:
+                node = tree.get_entry_path(entry.path)
                 visible = node is not None and node.layer == index and node.entry is entry
                 files.append((entry.path, entry.size, visible))
         facts.append(

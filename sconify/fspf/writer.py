@@ -211,7 +211,7 @@ class VolumeWriter:
         self._check_stream_done()
         if self._finished:
             raise RuntimeError("the volume is already finished")
-        if entry.is_whiteout or entry.is_opaque or entry.is_whiteout_meta:
+        if entry.is_overlay_marker:
             # layer bookkeeping for the overlay, never a file the application sees: stored as it is
             return RegionMode.NOT_PROTECTED
         path = volume_path(entry.path)

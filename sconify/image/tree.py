@@ -190,7 +190,9 @@ class FileTree:
         layer = self.layers
         members: list[Entry] = []
         for entry in entries:
-            if entry.is_opaque:
+            if not entry.is_overlay_marker:
+                members.append(entry)
+            elif entry.is_opaque:
                 self._clear(entry.parent)
             elif entry.is_whiteout:
                 target = entry.whiteout_target

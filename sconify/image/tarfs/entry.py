@@ -209,6 +209,12 @@ class Entry:
         return split_path(self.path)[0]
 
     @property
+    def is_overlay_marker(self) -> bool:
+        """Whether this is overlay bookkeeping of any kind (a whiteout, the opaque marker or AUFS metadata): its
+        name starts with ``.wh.``. One test for the many entries that are none of them."""
+        return self.path.rpartition("/")[2].startswith(WHITEOUT_PREFIX)
+
+    @property
     def is_whiteout(self) -> bool:
         """Whether this is a ``.wh.NAME`` file that deletes NAME from the lower layers (not the opaque marker)."""
         base = self.name
