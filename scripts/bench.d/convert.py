@@ -4,13 +4,16 @@ and (b) the bare work floor: the same bytes read, hashed, encrypted (AES-256-GCM
 compressed once (ISA-L gzip level 1) in one process, largest layers first on three threads.
 
 Then the incremental case: the image plus a small top layer, converted cold; the same image with a different
-top layer, converted again with the warm per-layer cache.
+top layer, converted again with the warm per-layer cache. With ``--many-files SIZE`` (default 512MiB; 0: none),
+each round also converts and copies an image made only of small files (256 B to 64 KiB, about 16 000 of them in
+512 MiB), where the cost per file rather than per byte decides.
 
 Every timed run starts after ``sync`` (no writeback of an earlier run's output is pending), and the
 conversion, skopeo and the floor run ``--repeat`` times, interleaved, after one untimed warm-up round; the
 tables show the medians.
 
-Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--settle 20] [--keep]``; prints a
+Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--settle 20] [--many-files 512MiB]
+[--keep]``; prints a
 Markdown table.
 """
 
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--settle", type=float, default=20.0, help="seconds to wait after building the inputs")
+    parser.add_argument("--many-files", default="512MiB",
+                        help="size of a second image made only of small files (about 30 000 per GiB); 0: none")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sconify-bench-convert-", dir=os.environ.get("BENCH_DIR")))
@@ -148,6 +153,13 @@ def main() -> None:
         # Outputs and inputs no longer needed are deleted at once: the page cache they would hold makes every
         # later writer (sconify and skopeo alike) wait for memory to be reclaimed.
         shutil.rmtree(work / "big")
+        many = None
+        if args.many_files not in ("0", ""):
+            print(f"building a {args.many_files} image of small files ...", file=sys.stderr)
+            build_image("big", work / "many", "v1", size=args.many_files, layers=args.layers, small_share=1.0)
+            many = f"docker-archive:{work}/many.tar:bench/many:v1"
+            subprocess.run([*SCONIFY, "copy", f"oci:{work}/many:v1", many], check=True)
+            shutil.rmtree(work / "many")
         (work / "fspf.key").write_text("5a" * 32)
         subprocess.run([*SCONIFY, "keys", "generate", "--enclave", str(work / "enc.pem")], check=True,
                        capture_output=True)
@@ -161,6 +173,8 @@ def main() -> None:
         skopeo_runs: list[Run] = []
         conv_runs: list[Run] = []
         floor_runs: list[float] = []
+        many_skopeo: list[Run] = []
+        many_conv: list[Run] = []
         # One untimed round first: the first run after the image is built is slower for every tool.
         for attempt in range(-1, args.repeat):
             print(f"round {attempt + 1} of {args.repeat} (0: warm-up): skopeo, sconify, floor ...", file=sys.stderr)
@@ -175,8 +189,18 @@ def main() -> None:
             shutil.rmtree(work / "p1")
             os.sync()
             floor_runs.append(floor(archive)[0])
+            if many is not None:
+                os.sync()
+                many_skopeo.append(timed(["skopeo", "copy", "-q", many, f"oci:{work}/skopeo:v1"]))
+                shutil.rmtree(work / "skopeo")
+                os.sync()
+                many_conv.append(timed([*SCONIFY, "convert", many, f"oci:{work}/conv:v1", "--policy-out",
+                                        str(work / "p1"), *keys]))
+                shutil.rmtree(work / "conv")
+                shutil.rmtree(work / "p1")
         # Drop the warm-up round.
         skopeo_runs, conv_runs, floor_runs = skopeo_runs[1:], conv_runs[1:], floor_runs[1:]
+        many_skopeo, many_conv = many_skopeo[1:], many_conv[1:]
         skopeo, conv = median_run(skopeo_runs), median_run(conv_runs)
         floor_s = sorted(floor_runs)[len(floor_runs) // 2]
 
@@ -203,6 +227,9 @@ def main() -> None:
         print(f"| (b) work floor: read+sha256+AES-GCM+ISA-L, 3 threads | {floor_s:.2f} s | | | |")
         print(row("sconify convert oci -> oci, cold cache", cold))
         print(row("same image, top layer changed, warm cache", warm))
+        if many is not None:
+            print(row(f"sconify convert, {args.many_files} of small files", median_run(many_conv)))
+            print(row(f"skopeo copy, {args.many_files} of small files", median_run(many_skopeo)))
         print()
         def samples(values: list[float]) -> str:
             return ", ".join(f"{v:.2f}" for v in values)
@@ -214,6 +241,11 @@ def main() -> None:
         print(f"- output / (input + runtime): {output_bytes / (input_bytes + runtime):.3f} (goal <= 1.05)")
         print(f"- warm top-layer change / cold: {warm.seconds / cold.seconds:.2f} (goal <= 0.15)")
         print(f"- peak RSS: {conv.peak_mib:.0f} MiB (goal < 150 MiB)")
+        if many is not None:
+            m_conv, m_skopeo = median_run(many_conv), median_run(many_skopeo)
+            ratio = m_conv.seconds / m_skopeo.seconds
+            print(f"- small files: sconify {samples([r.seconds for r in many_conv])}; skopeo "
+                  f"{samples([r.seconds for r in many_skopeo])}; sconify / skopeo {ratio:.2f}")
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
