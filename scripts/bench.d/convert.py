@@ -189,15 +189,22 @@ def main() -> None:
             shutil.rmtree(work / "p1")
             os.sync()
             floor_runs.append(floor(archive)[0])
-            if many is not None:
-                os.sync()
-                many_skopeo.append(timed(["skopeo", "copy", "-q", many, f"oci:{work}/skopeo:v1"]))
-                shutil.rmtree(work / "skopeo")
-                os.sync()
-                many_conv.append(timed([*SCONIFY, "convert", many, f"oci:{work}/conv:v1", "--policy-out",
-                                        str(work / "p1"), *keys]))
-                shutil.rmtree(work / "conv")
-                shutil.rmtree(work / "p1")
+        # The image of small files in rounds of its own, after the others: deleting an output of 16 000 files
+        # leaves the file system busy for a while, which slowed the next tool's run when the rounds were mixed.
+        for attempt in range(-1, args.repeat if many is not None else -1):
+            assert many is not None
+            print(f"small files, round {attempt + 1} of {args.repeat} (0: warm-up): skopeo, sconify ...",
+                  file=sys.stderr)
+            os.sync()
+            many_skopeo.append(timed(["skopeo", "copy", "-q", many, f"oci:{work}/skopeo:v1"]))
+            shutil.rmtree(work / "skopeo")
+            os.sync()
+            many_conv.append(timed([*SCONIFY, "convert", many, f"oci:{work}/conv:v1", "--policy-out",
+                                    str(work / "p1"), *keys]))
+            shutil.rmtree(work / "conv")
+            shutil.rmtree(work / "p1")
+            os.sync()
+            time.sleep(2)
         # Drop the warm-up round.
         skopeo_runs, conv_runs, floor_runs = skopeo_runs[1:], conv_runs[1:], floor_runs[1:]
         many_skopeo, many_conv = many_skopeo[1:], many_conv[1:]
