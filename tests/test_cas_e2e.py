@@ -106,6 +106,17 @@ def application(tmp_path_factory, dockerd: DockerEngine, keys: Keys):  # noqa: F
     return base, result, loaded, native, images
 
 
+def _wait_for_server(dockerd: DockerEngine, container: str, shared: Path, failure: str) -> None:
+    """Until the server's socket appears in the shared directory; fails with its logs if it stops first."""
+    deadline = time.monotonic() + 60
+    while not (shared / "tls.sock").exists():
+        state = dockerd.run("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+        if state != "true" or time.monotonic() > deadline:
+            logs = dockerd.run("logs", container)
+            pytest.fail(f"{failure}: {logs.stdout} {logs.stderr}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def running(application, dockerd: DockerEngine, tmp_path_factory):
     """The CAS with the application's session, and the converted server running detached."""
@@ -119,13 +130,7 @@ def running(application, dockerd: DockerEngine, tmp_path_factory):
     mounts = ("-v", f"{shared}:/run/shared", "-v", f"{cas_dir}:/run/cas", "-e", "SCONE_CAS_ADDR=unix:/run/cas/cas.sock")
     started = dockerd.run("run", "-d", "--network=none", *mounts, loaded["server"], check=True)
     container = started.stdout.strip()
-    deadline = time.monotonic() + 60
-    while not (shared / "tls.sock").exists():
-        state = dockerd.run("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
-        if state != "true" or time.monotonic() > deadline:
-            logs = dockerd.run("logs", container)
-            pytest.fail(f"the converted server did not start: {logs.stdout} {logs.stderr}")
-        time.sleep(0.2)
+    _wait_for_server(dockerd, container, shared, "the converted server did not start")
     yield cas, mounts, container, shared
     dockerd.run("rm", "-f", container)
     cas.stop()
@@ -228,13 +233,7 @@ def test_the_server_restarted_with_its_old_file_system_starts_again(
     _, mounts, container, shared = running
     (shared / "tls.sock").unlink()
     dockerd.run("restart", "-t", "5", container, check=True, timeout=60)
-    deadline = time.monotonic() + 60
-    while not (shared / "tls.sock").exists():
-        state = dockerd.run("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
-        if state != "true" or time.monotonic() > deadline:
-            logs = dockerd.run("logs", container)
-            pytest.fail(f"the restarted server did not start: {logs.stdout} {logs.stderr}")
-        time.sleep(0.2)
+    _wait_for_server(dockerd, container, shared, "the restarted server did not start")
     done = dockerd.run("run", "--rm", "--network=none", *mounts, loaded_client(application), timeout=60)
     assert done.returncode == 0, done.stderr
     assert "hello-from-the-client"[::-1] in done.stdout

@@ -163,6 +163,19 @@ def main() -> None:
         os.sync()
         time.sleep(args.settle)
 
+        def pair(image: str) -> tuple[Run, Run, int]:
+            """skopeo, then sconify, each after ``sync``; each output deleted once measured."""
+            os.sync()
+            skopeo_run = timed(["skopeo", "copy", "-q", image, f"oci:{work}/skopeo:v1"])
+            shutil.rmtree(work / "skopeo")
+            os.sync()
+            conv_run = timed([*SCONIFY, "convert", image, f"oci:{work}/conv:v1", "--policy-out", str(work / "p1"),
+                              *keys])
+            written = blob_bytes(work / "conv")
+            shutil.rmtree(work / "conv")
+            shutil.rmtree(work / "p1")
+            return skopeo_run, conv_run, written
+
         skopeo_runs: list[Run] = []
         conv_runs: list[Run] = []
         floor_runs: list[float] = []
@@ -171,15 +184,9 @@ def main() -> None:
         # One untimed round first: the first run after the image is built is slower for every tool.
         for attempt in range(-1, args.repeat):
             print(f"round {attempt + 1} of {args.repeat} (0: warm-up): skopeo, sconify, floor ...", file=sys.stderr)
-            os.sync()
-            skopeo_runs.append(timed(["skopeo", "copy", "-q", archive, f"oci:{work}/skopeo:v1"]))
-            shutil.rmtree(work / "skopeo")
-            os.sync()
-            conv_runs.append(timed([*SCONIFY, "convert", archive, f"oci:{work}/conv:v1", "--policy-out",
-                                    str(work / "p1"), *keys]))
-            output_bytes = blob_bytes(work / "conv")
-            shutil.rmtree(work / "conv")
-            shutil.rmtree(work / "p1")
+            skopeo_run, conv_run, output_bytes = pair(archive)
+            skopeo_runs.append(skopeo_run)
+            conv_runs.append(conv_run)
             os.sync()
             floor_runs.append(floor(archive)[0])
         # The image of small files is built and measured after the others, in rounds of its own: mixed into them,
@@ -197,14 +204,9 @@ def main() -> None:
             assert many is not None
             print(f"small files, round {attempt + 1} of {args.repeat} (0: warm-up): skopeo, sconify ...",
                   file=sys.stderr)
-            os.sync()
-            many_skopeo.append(timed(["skopeo", "copy", "-q", many, f"oci:{work}/skopeo:v1"]))
-            shutil.rmtree(work / "skopeo")
-            os.sync()
-            many_conv.append(timed([*SCONIFY, "convert", many, f"oci:{work}/conv:v1", "--policy-out",
-                                    str(work / "p1"), *keys]))
-            shutil.rmtree(work / "conv")
-            shutil.rmtree(work / "p1")
+            skopeo_run, conv_run, _ = pair(many)
+            many_skopeo.append(skopeo_run)
+            many_conv.append(conv_run)
             os.sync()
             time.sleep(2)
         # Drop the warm-up round.
