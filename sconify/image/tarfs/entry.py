@@ -46,6 +46,10 @@ def decode_name(raw: bytes) -> str:
 
 def path_problem(path: str) -> str | None:
     """Why ``path`` is not a normalised in-image path, or None if it is one ("" is the image root)."""
+    # The common case first: no component is empty or starts with "." (so none is ".", ".." or a whiteout).
+    if path and path[0] != "/" and path[-1] != "/" and "//" not in path and "/." not in path and path[0] != "." \
+            and "\0" not in path:
+        return None
     if "\0" in path:
         return "contains a NUL character"
     if path == "":

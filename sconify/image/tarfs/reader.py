@@ -314,6 +314,10 @@ class _LayerReader:
 
     def _normalize(self, raw: bytes, what: str, member: str) -> str:
         text = decode_name(raw)
+        # Already normal (the common case): no empty or "."-led component, no leading or trailing "/", no NUL.
+        if text and text[0] != "/" and text[-1] != "/" and "//" not in text and "/." not in text \
+                and text[0] != "." and "\0" not in text:
+            return text
         if "\0" in text:
             raise self._unsafe(member, f"has a NUL character in its {what}")
         absolute = text.startswith("/")
