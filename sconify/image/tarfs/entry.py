@@ -50,6 +50,11 @@ def path_problem(path: str) -> str | None:
     if path and path[0] != "/" and path[-1] != "/" and "//" not in path and "/." not in path and path[0] != "." \
             and "\0" not in path:
         return None
+    return _path_problem(path)
+
+
+def _path_problem(path: str) -> str | None:
+    """``path_problem`` component by component, without the shortcut."""
     if "\0" in path:
         return "contains a NUL character"
     if path == "":
