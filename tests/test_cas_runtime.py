@@ -21,6 +21,7 @@ from test_runtime_support import (  # noqa: F401 (runtime_binary is a fixture)
     EXIT_NO_SERVICE,
     EXIT_NO_SESSION,
     EXIT_PROTECTION,
+    EXIT_READ_ONLY,
     make_source_tree,
     protect_tree,
     require_chroot,
@@ -137,6 +138,20 @@ def test_what_a_restart_accepts_is_only_what_the_cas_writes(root, cas: Cas, chan
         return
     assert done.returncode == EXIT_PROTECTION, done.stderr
     assert "unexpected" in stderr_line(done) and done.stdout == b""
+
+
+def test_a_directory_where_a_file_is_injected_in_an_unchecked_place_is_named(root, cas: Cas) -> None:
+    """Outside the protected regions nothing is checked, so the runtime meets the directory only when it
+    replaces the injected file: one sentence that names the path and the way out, and the command never runs."""
+    pr, env = root
+    session = _session(pr)
+    session["images"][0]["injection_files"].append({"path": "/tmp/app/token", "content": "$$SCONE::password$$"})
+    cas.call("POST", "/v1/sessions", session)
+    (pr.root / "tmp" / "app" / "token").mkdir(parents=True)
+    done = run_chroot(pr.root, env)
+    assert done.returncode == EXIT_READ_ONLY, done.stderr
+    line = stderr_line(done)
+    assert "/tmp/app/token" in line and "remove what is there" in line and done.stdout == b""
 
 
 def test_a_measurement_not_in_the_session_gets_nothing(root, cas: Cas) -> None:

@@ -13,8 +13,7 @@ conversion, skopeo and the floor run ``--repeat`` times, interleaved, after one 
 tables show the medians.
 
 Run as ``scripts/bench convert [--size 1.5GiB] [--layers 4] [--repeat 3] [--settle 20] [--many-files 512MiB]
-[--keep]``; prints a
-Markdown table.
+[--keep]``; prints a Markdown table.
 """
 
 from __future__ import annotations
